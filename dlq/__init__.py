@@ -1,0 +1,1 @@
+"""Dead letters: the durable store of invocations that failed for good, for operators."""

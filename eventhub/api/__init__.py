@@ -1,0 +1,1 @@
+"""The HTTP API (aiohttp): ingress, resources, invocations, dead letters, health and metrics."""

@@ -1,0 +1,83 @@
+"""``/v1/functions``, ``/v1/sources``, ``/v1/bindings``: list, get, PUT (create or replace),
+DELETE. A PUT body is the resource document (JSON or YAML); ``metadata.name`` may be left out
+and must otherwise equal the name in the path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import yaml
+from aiohttp import web
+
+from eventhub.api.context import CONTEXT, requires
+from eventhub.errors import FieldProblem, InvalidInput
+from eventhub.resources import Kind, parse_resource
+from eventhub.settings import Scope
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _kind(request: web.Request) -> Kind:
+    return {k.plural: k for k in Kind}[request.match_info["kind"]]
+
+
+@requires(Scope.ADMIN)
+async def list_resources(request: web.Request) -> web.Response:
+    resources = await request.app[CONTEXT].store.of_kind(_kind(request))
+    return _json({"items": [r.document() for r in resources]})
+
+
+@requires(Scope.ADMIN)
+async def get_resource(request: web.Request) -> web.Response:
+    resource = await request.app[CONTEXT].store.get(_kind(request), request.match_info["name"])
+    return _json(resource.document())
+
+
+@requires(Scope.ADMIN)
+async def put_resource(request: web.Request) -> web.Response:
+    kind, name = _kind(request), request.match_info["name"]
+    doc = _read_document(await request.read(), request.content_type)
+    metadata = doc.setdefault("metadata", {})
+    if isinstance(metadata, dict):
+        metadata.setdefault("name", name)
+        if metadata["name"] != name:
+            raise InvalidInput(
+                "metadata.name differs from the name in the path",
+                problems=(FieldProblem("metadata.name", f"must be '{name}' (the path's name)"),),
+            )
+    doc.setdefault("apiVersion", "eventhub/v1")
+    doc.setdefault("kind", kind.value)
+    resource = parse_resource(doc, "", kind=kind)
+    ctx = request.app[CONTEXT]
+    created = await ctx.store.put(resource)
+    await ctx.router.reload()  # read-your-writes here; other processes follow by NOTIFY
+    return _json(resource.document(), status=201 if created else 200)
+
+
+@requires(Scope.ADMIN)
+async def delete_resource(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    await ctx.store.delete(_kind(request), request.match_info["name"])
+    await ctx.router.reload()
+    return web.Response(status=204)
+
+
+def _read_document(body: bytes, content_type: str) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body) if "json" in content_type else yaml.safe_load(body)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"the body is not valid JSON or YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("the body must be a resource document (a mapping)")
+    return doc
+
+
+def add_routes(app: web.Application) -> None:
+    kinds = "{kind:functions|sources|bindings}"
+    app.router.add_get(f"/v1/{kinds}", list_resources)
+    app.router.add_get(f"/v1/{kinds}/{{name}}", get_resource)
+    app.router.add_put(f"/v1/{kinds}/{{name}}", put_resource)
+    app.router.add_delete(f"/v1/{kinds}/{{name}}", delete_resource)

@@ -1,0 +1,210 @@
+"""The composition root: builds every component from the settings, runs the chosen roles, and
+shuts them down in order.
+
+Roles: ``api`` (HTTP ingress and management), ``dispatch`` (JetStream -> functions), ``ingest``
+(the connectors of Source resources). ``eventhub run`` runs all of them in one process.
+
+Shutdown order (on SIGTERM): stop intake (the HTTP server stops accepting and finishes the
+requests it has), let in-flight invocations finish within ``shutdown_timeout`` and hand the rest
+back to JetStream unacked, flush callbacks, stop following resource changes, drain NATS, close
+Redis and PostgreSQL last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+import nats
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from nats.aio.client import Client as NATS
+
+from dlq.store import DeadLetterStore
+from eventhub import db
+from eventhub.api.app import build as build_api
+from eventhub.api.context import ApiContext
+from eventhub.callbacks import Callbacks
+from eventhub.dispatcher import Dispatcher
+from eventhub.errors import DependencyDown
+from eventhub.ingress import Ingress
+from eventhub.invoker import Invoker
+from eventhub.metrics import Metrics
+from eventhub.queue import InvocationQueue
+from eventhub.ratelimit import RateLimiter
+from eventhub.routing import Router
+from eventhub.settings import Settings
+from eventhub.state import InvocationState
+from eventhub.store import ResourceStore
+
+log = structlog.get_logger(__name__)
+_DEPTH_INTERVAL = 5.0
+
+
+class Role(StrEnum):
+    API = "api"
+    DISPATCH = "dispatch"
+    INGEST = "ingest"
+
+
+@dataclass
+class Services:
+    """The connections every role shares."""
+
+    pool: Any
+    nc: NATS
+    redis: aioredis.Redis
+    http: aiohttp.ClientSession
+
+
+@contextlib.asynccontextmanager
+async def connect(settings: Settings) -> AsyncIterator[Services]:
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
+        stack.push_async_callback(pool.close)
+        try:
+            nc = await nats.connect(
+                settings.nats_url.get_secret_value(),
+                name="eventhub",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                connect_timeout=5,
+                error_cb=_nats_error,
+                allow_reconnect=True,
+            )
+        except Exception as exc:
+            raise DependencyDown(f"NATS is unreachable: {type(exc).__name__}") from exc
+        stack.push_async_callback(_drain, nc)
+        client = aioredis.from_url(settings.redis_url.get_secret_value())
+        stack.push_async_callback(client.aclose)
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
+            auto_decompress=False,
+        )
+        stack.push_async_callback(http.close)
+        yield Services(pool, nc, client, http)
+
+
+async def _nats_error(exc: Exception) -> None:
+    log.warning("nats_error", error=str(exc) or repr(exc))
+
+
+async def _drain(nc: NATS) -> None:
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
+        await nc.drain()
+
+
+class Hub:
+    def __init__(self, settings: Settings, roles: set[Role], services: Services) -> None:
+        self.settings = settings
+        self.roles = roles
+        self.services = services
+        self.metrics = Metrics()
+        self.store = ResourceStore(services.pool, settings.namespace)
+        self.router = Router(self.store)
+        self.queue = InvocationQueue(services.nc, settings)
+        self.state = InvocationState(services.redis, settings.namespace, settings.state_ttl)
+        self.dead_letters = DeadLetterStore(services.pool)
+        self.ingress = Ingress(self.router, self.queue, self.state, self.metrics)
+        self.callbacks = Callbacks(services.http)
+        self.dispatcher = Dispatcher(
+            router=self.router,
+            queue=self.queue,
+            invoker=Invoker(services.http),
+            state=self.state,
+            limiter=RateLimiter(services.redis, settings.namespace),
+            sink=self.dead_letters,
+            callbacks=self.callbacks,
+            settings=settings,
+            metrics=self.metrics,
+        )
+        self._site: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        await db.migrate(self.services.pool, self.settings.namespace)
+        await self.queue.ensure_stream()
+        await self.router.reload()
+        self._own(self.router.run(self.settings.database_url.get_secret_value()))
+        if Role.DISPATCH in self.roles:
+            await self.dispatcher.start()
+            self._own(self._watch_depths())
+        if Role.API in self.roles:
+            await self._start_api()
+        log.info("hub_started", roles=sorted(r.value for r in self.roles), port=self.port)
+
+    async def stop(self) -> None:
+        if self._site is not None:
+            await self._site.cleanup()  # stop intake, finish the requests in progress
+        if Role.DISPATCH in self.roles:
+            await self.dispatcher.stop(self.settings.shutdown_timeout)
+        await self.callbacks.close(grace=5.0)
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        log.info("hub_stopped")
+
+    async def _start_api(self) -> None:
+        ctx = ApiContext(
+            settings=self.settings,
+            metrics=self.metrics,
+            store=self.store,
+            router=self.router,
+            ingress=self.ingress,
+            state=self.state,
+            dead_letters=self.dead_letters,
+            checks={
+                "postgres": self._check_postgres,
+                "nats": self._check_nats,
+                "redis": self._check_redis,
+            },
+        )
+        runner = web.AppRunner(build_api(ctx), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.host, self.settings.port, backlog=1024)
+        await site.start()
+        self._site = runner
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+
+    def _own(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_depths(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.dispatcher.refresh_depths()
+            await asyncio.sleep(_DEPTH_INTERVAL)
+
+    async def _check_postgres(self) -> None:
+        await self.services.pool.fetchval("select 1")
+
+    async def _check_nats(self) -> None:
+        if not self.services.nc.is_connected:
+            raise ConnectionError("not connected")
+        await self.queue.js.account_info()
+
+    async def _check_redis(self) -> None:
+        await self.services.redis.ping()
+
+
+async def serve(settings: Settings, roles: set[Role], stop: asyncio.Event) -> None:
+    """Run the hub until ``stop`` is set, then shut down in order."""
+    async with connect(settings) as services:
+        hub = Hub(settings, roles, services)
+        await hub.start()
+        try:
+            await stop.wait()
+        finally:
+            await hub.stop()

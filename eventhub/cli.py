@@ -1,0 +1,252 @@
+"""The ``eventhub`` command.
+
+Every command reads the same settings (``EVENTHUB_*`` or ``EVENTHUB_SETTINGS_FILE``). A failure
+prints one line to stderr and exits non-zero; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import click
+import orjson
+import yaml
+from pydantic import ValidationError
+
+from eventhub import db
+from eventhub.errors import EventhubError
+from eventhub.logs import configure as configure_logs
+from eventhub.resources import Kind, load_path
+from eventhub.settings import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def fail(message: str) -> None:
+    click.echo(f"eventhub: {message}", err=True)
+    sys.exit(2 if message.startswith("usage") else 1)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        fail(f"setting EVENTHUB_{field.upper()}: {err['msg']}")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        fail(f"settings file: {exc}")
+    raise AssertionError("unreachable")
+
+
+def handled(func: Callable[P, T]) -> Callable[P, T]:
+    """Turn the errors a user can cause into one line and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return func(*args, **kwargs)
+        except EventhubError as exc:
+            fail(exc.detail)
+        except OSError as exc:
+            fail(str(exc))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="eventhub")
+def main() -> None:
+    """eventhub: CloudEvents in, functions invoked at least once, dead letters kept."""
+
+
+@main.command()
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(["api", "dispatch", "ingest"]),
+    help="Run only these roles (repeatable). Default: all.",
+)
+@handled
+def run(roles: tuple[str, ...]) -> None:
+    """Run the hub: HTTP API, dispatcher and connectors, until SIGTERM."""
+    from eventhub.app import Role, serve
+
+    settings = _settings()
+    configure_logs(settings.log_level, settings.log_format)
+    chosen = {Role(r) for r in roles} or set(Role)
+    _run_until_signal(lambda stop: serve(settings, chosen, stop))
+
+
+def _run_until_signal(main_coro: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = {"count": 0}
+
+        def on_signal() -> None:
+            signals["count"] += 1
+            if signals["count"] > 1:
+                os._exit(130)  # a second signal forces exit
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await main_coro(stop)
+
+    asyncio.run(runner())
+
+
+@main.command()
+@handled
+def migrate() -> None:
+    """Apply the database migrations not yet applied."""
+    settings = _settings()
+
+    async def go() -> list[str]:
+        pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
+        try:
+            return await db.migrate(pool, settings.namespace)
+        finally:
+            await pool.close()
+
+    applied = asyncio.run(go())
+    click.echo(
+        f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "")
+    )
+
+
+@main.command()
+@click.option("-f", "--filename", "path", required=True, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Validate and show the changes; change nothing.")
+@click.option("--prune", is_flag=True, help="Delete resources of this set no longer declared.")
+@click.option("--set", "apply_set", default="default", show_default=True, help="Name of the set.")
+@handled
+def apply(path: Path, dry_run: bool, prune: bool, apply_set: str) -> None:
+    """Create or update the resources in a YAML file or folder."""
+    if not path.exists():
+        fail(f"{path}: no such file or folder")
+    resources = load_path(path)
+    settings = _settings()
+    plan = asyncio.run(
+        _with_store(
+            settings,
+            lambda store: store.apply(resources, apply_set=apply_set, prune=prune, dry_run=dry_run),
+        )
+    )
+    suffix = " (dry run)" if dry_run else ""
+    for verb, names in (
+        ("created", plan.created),
+        ("configured", plan.updated),
+        ("unchanged", plan.unchanged),
+        ("pruned", plan.pruned),
+    ):
+        for name in names:
+            click.echo(f"{name} {verb}{suffix}")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["functions", "sources", "bindings"]))
+@click.argument("name", required=False)
+@click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table")
+@handled
+def get(kind: str, name: str | None, output: str) -> None:
+    """List resources, or show one."""
+    settings = _settings()
+    k = {x.plural: x for x in Kind}[kind]
+
+    async def fetch(store: Any) -> list[Any]:
+        return [await store.get(k, name)] if name else list(await store.of_kind(k))
+
+    resources = asyncio.run(_with_store(settings, fetch))
+    docs = [r.document() for r in resources]
+    if output == "json":
+        click.echo(orjson.dumps(docs[0] if name else {"items": docs}, option=orjson.OPT_INDENT_2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)
+    else:
+        _table(k, docs)
+
+
+def _table(kind: Kind, docs: list[dict[str, Any]]) -> None:
+    if kind is Kind.FUNCTION:
+        rows = [("NAME", "URL", "CONCURRENCY", "RATE", "DEAD-LETTER")] + [
+            (
+                d["metadata"]["name"],
+                d["spec"]["url"],
+                str(d["spec"].get("maxConcurrency", 10)),
+                str(d["spec"].get("rateLimit", "-")),
+                (d["spec"].get("deadLetter") or {}).get("function", "-"),
+            )
+            for d in docs
+        ]
+    elif kind is Kind.BINDING:
+        rows = [("NAME", "SOURCE", "FUNCTION", "FILTERS")] + [
+            (
+                d["metadata"]["name"],
+                d["spec"]["source"],
+                d["spec"]["function"],
+                str(len(d["spec"].get("filter") or [])),
+            )
+            for d in docs
+        ]
+    else:
+        rows = [("NAME", "TYPE")] + [(d["metadata"]["name"], d["spec"]["type"]) for d in docs]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+async def _with_store(settings: Settings, use: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    from eventhub.store import ResourceStore
+
+    pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
+    try:
+        await db.migrate(pool, settings.namespace)
+        return await use(ResourceStore(pool, settings.namespace))
+    finally:
+        await pool.close()
+
+
+@main.command()
+@click.option("--port", default=8080, show_default=True, help="Port of the HTTP API.")
+@click.option(
+    "--function-port", default=8090, show_default=True, help="Port of the sample function."
+)
+@click.option(
+    "--examples",
+    type=click.Path(path_type=Path),
+    default=Path("config/examples"),
+    show_default=True,
+    help="Resources to apply at start.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Keep the embedded services' data here between runs (default: a temporary folder).",
+)
+@handled
+def dev(port: int, function_port: int, examples: Path, data_dir: Path | None) -> None:
+    """Run the hub on embedded NATS, PostgreSQL and Redis, with a sample function."""
+    from eventhub.devmode import run_dev
+
+    _run_until_signal(
+        lambda stop: run_dev(
+            port=port,
+            function_port=function_port,
+            examples=examples,
+            data_dir=data_dir,
+            stop=stop,
+        )
+    )

@@ -1,0 +1,396 @@
+"""The dispatcher: takes invocations from JetStream and calls the functions.
+
+One :class:`FunctionWorker` per function pulls from the function's shared durable consumer and
+runs at most ``maxConcurrency`` invocations at once (JetStream's ``max_ack_pending`` holds the same
+limit across processes). A ``rateLimit`` is waited for *before* a message is fetched.
+
+Acknowledgement contract:
+
+==================  ====================================================================
+function succeeded  ``ack``
+retryable failure   ``nak(delay)``: JetStream redelivers after the backoff
+final failure       dead letter committed to PostgreSQL (and the dead-letter function's
+                    invocation to JetStream), then ``ack``
+cancelled/shutdown  ``nak()`` without delay: handed back for another process now
+hub killed          nothing: JetStream redelivers after ``ack_wait``
+==================  ====================================================================
+
+While a call runs longer than half of ``ack_wait``, ``in_progress`` keeps the message ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from datetime import UTC, datetime
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+
+from eventhub.callbacks import Callbacks
+from eventhub.events import Event, now_rfc3339
+from eventhub.invocations import Invocation
+from eventhub.invoker import Invoker
+from eventhub.metrics import Metrics
+from eventhub.ports import DeadLetterRecord, DeadLetterSink, dead_letter_id
+from eventhub.queue import END, InvocationQueue, Puller
+from eventhub.ratelimit import RateLimiter
+from eventhub.resources import FunctionSpec
+from eventhub.retry import (
+    EXHAUSTED,
+    EXPIRED,
+    Ack,
+    DeadLetter,
+    Outcome,
+    Retry,
+    decide,
+    expired,
+)
+from eventhub.routing import Router, Routes
+from eventhub.settings import Settings
+from eventhub.state import AttemptRecord, InvocationState
+
+log = structlog.get_logger(__name__)
+_PULL_EXPIRES = 30.0
+_PULL_HEARTBEAT = 5.0
+
+
+class Dispatcher:
+    """Keeps one worker per function in step with the routing table."""
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        queue: InvocationQueue,
+        invoker: Invoker,
+        state: InvocationState,
+        limiter: RateLimiter,
+        sink: DeadLetterSink,
+        callbacks: Callbacks,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self._router = router
+        self._deps = _Deps(queue, invoker, state, limiter, sink, callbacks, settings, metrics)
+        self._workers: dict[str, FunctionWorker] = {}
+        self._sync_lock = asyncio.Lock()
+        self._stopped = False
+
+    async def start(self) -> None:
+        self._router.on_change(self._sync)
+        await self._sync(self._router.routes)
+
+    async def _sync(self, routes: Routes) -> None:
+        async with self._sync_lock:
+            if self._stopped:
+                return
+            for name, spec in routes.functions.items():
+                worker = self._workers.get(name)
+                if worker is None or worker.spec.max_concurrency != spec.max_concurrency:
+                    await self._deps.queue.ensure_consumer(name, spec.max_concurrency)
+                if worker is None:
+                    worker = FunctionWorker(name, spec, self._deps)
+                    self._workers[name] = worker
+                    worker.start()
+                else:
+                    worker.spec = spec
+            for name in [n for n in self._workers if n not in routes.functions]:
+                await self._workers.pop(name).stop(self._deps.settings.shutdown_timeout)
+
+    async def stop(self, grace: float) -> None:
+        """Stop fetching, let in-flight calls finish within ``grace`` s, hand back the rest."""
+        async with self._sync_lock:
+            self._stopped = True
+            workers, self._workers = list(self._workers.values()), {}
+        if workers:
+            await asyncio.gather(*(w.stop(grace) for w in workers))
+
+    async def refresh_depths(self) -> None:
+        for name in list(self._workers):
+            depth = await self._deps.queue.depth(name)
+            if depth is not None:
+                self._deps.metrics.queue_depth.labels(name).set(depth)
+
+
+class _Deps:
+    def __init__(
+        self,
+        queue: InvocationQueue,
+        invoker: Invoker,
+        state: InvocationState,
+        limiter: RateLimiter,
+        sink: DeadLetterSink,
+        callbacks: Callbacks,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self.queue = queue
+        self.invoker = invoker
+        self.state = state
+        self.limiter = limiter
+        self.sink = sink
+        self.callbacks = callbacks
+        self.settings = settings
+        self.metrics = metrics
+        self.routes: Router | None = None
+
+
+class FunctionWorker:
+    def __init__(self, name: str, spec: FunctionSpec, deps: _Deps) -> None:
+        self.name = name
+        self.spec = spec
+        self._deps = deps
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        self._fetcher: asyncio.Task[None] | None = None
+        self._rand = random.Random()  # noqa: S311 - jitter, not security
+
+    def start(self) -> None:
+        self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"fetch:{self.name}")
+
+    async def stop(self, grace: float) -> None:
+        if self._fetcher is not None:
+            self._fetcher.cancel()
+            await asyncio.wait([self._fetcher])
+        if self._in_flight:
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                log.warning("dispatch_handed_back", function=self.name, count=len(pending))
+
+    async def _fetch_loop(self) -> None:
+        failures = 0
+        while True:
+            puller = None
+            try:
+                puller = await self._deps.queue.puller(self.name)
+                while True:
+                    await self._pull_once(puller)
+                    failures = 0
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                failures += 1
+                log.warning("pull_failed", function=self.name, error=str(exc) or repr(exc))
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+            finally:
+                if puller is not None:
+                    await asyncio.shield(puller.close())
+
+    async def _pull_once(self, puller: Puller) -> None:
+        """One pull request for as many messages as there is room for (one under a rate
+        limit, after waiting for its slot); each message is dispatched as it arrives."""
+        room = await self._wait_for_room()
+        if self.spec.rate_limit is not None:
+            wait = await self._deps.limiter.reserve(self.name, self.spec.rate_limit)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            room = 1
+        await puller.request(room, expires=_PULL_EXPIRES, heartbeat=_PULL_HEARTBEAT)
+        while room > 0:
+            msg = await puller.next(wait=_PULL_HEARTBEAT * 3)
+            if msg is END or msg is None:
+                return
+            room -= 1
+            self._spawn(msg)
+
+    async def _wait_for_room(self) -> int:
+        while len(self._in_flight) >= self.spec.max_concurrency:
+            self._room.clear()
+            await self._room.wait()
+        return self.spec.max_concurrency - len(self._in_flight)
+
+    def _spawn(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle(msg))
+        self._in_flight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._room.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dispatch_crashed", function=self.name, error=repr(task.exception()))
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            invocation = Invocation.from_message(msg.headers or {}, msg.data)
+        except KeyError:
+            log.error("invocation_unreadable", function=self.name, headers=msg.headers)
+            await msg.term()
+            return
+        meta = msg.metadata
+        attempt = meta.num_delivered
+        age = (datetime.now(UTC) - meta.timestamp).total_seconds()
+        with structlog.contextvars.bound_contextvars(
+            invocation_id=invocation.id,
+            function=self.name,
+            binding=invocation.binding,
+            event_id=invocation.event.id,
+            source=invocation.event.source,
+            attempt=attempt,
+        ):
+            try:
+                await self._attempt(msg, invocation, attempt, age, meta.timestamp)
+            except asyncio.CancelledError:
+                # Not done: hand the message back at once instead of waiting for ack_wait.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(msg.nak())
+                raise
+
+    async def _attempt(
+        self, msg: Msg, invocation: Invocation, attempt: int, age: float, enqueued: datetime
+    ) -> None:
+        spec, deps = self.spec, self._deps
+        if expired(age, spec.max_event_age) or attempt > spec.retry.max_attempts:
+            reason = EXPIRED if expired(age, spec.max_event_age) else EXHAUSTED
+            await self._give_up(msg, invocation, spec, reason, None, enqueued)
+            return
+        await deps.state.running(invocation.id, self.name, attempt)
+        started_at = now_rfc3339()
+        outcome = await self._call(msg, invocation, spec, attempt)
+        record = AttemptRecord.of(attempt, started_at, outcome)
+        deps.metrics.duration.labels(self.name).observe(outcome.latency)
+        decision = decide(
+            outcome,
+            attempt=attempt,
+            age=age + outcome.latency,
+            policy=spec.retry,
+            max_event_age=spec.max_event_age,
+            rand=self._rand.random,
+        )
+        if isinstance(decision, Ack):
+            if invocation.dead_letter_id:
+                await deps.sink.dead_letter_function_done(invocation.dead_letter_id, True, None)
+            await msg.ack()
+            deps.metrics.invocations.labels(self.name, "succeeded").inc()
+            await deps.state.finished(invocation.id, "succeeded", record)
+            deps.callbacks.send(invocation, "succeeded", outcome)
+        elif isinstance(decision, Retry):
+            await deps.state.finished(invocation.id, "retrying", record)
+            await msg.nak(delay=decision.delay)
+            deps.metrics.retries.labels(self.name).inc()
+            deps.metrics.invocations.labels(self.name, "retried").inc()
+            log.info("invocation_retrying", code=outcome.code, delay=round(decision.delay, 3))
+        elif isinstance(decision, DeadLetter):
+            await self._give_up(msg, invocation, spec, decision.reason, record, enqueued)
+
+    async def _call(
+        self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int
+    ) -> Outcome:
+        call = self._deps.invoker.invoke(invocation, spec, attempt)
+        if spec.timeout < self._deps.settings.ack_wait / 2:
+            return await call
+        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        try:
+            return await call
+        finally:
+            heartbeat.cancel()
+            await asyncio.wait([heartbeat])
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        interval = self._deps.settings.ack_wait / 3
+        while True:
+            await asyncio.sleep(interval)
+            await msg.in_progress()
+
+    async def _give_up(
+        self,
+        msg: Msg,
+        invocation: Invocation,
+        spec: FunctionSpec,
+        reason: str,
+        last: AttemptRecord | None,
+        enqueued: datetime,
+    ) -> None:
+        deps = self._deps
+        if invocation.dead_letter_id:
+            # A delivery to a dead-letter function failed: recorded on its dead letter, no more.
+            error = f"{reason}: {last.error or last.status}" if last else reason
+            await deps.sink.dead_letter_function_done(invocation.dead_letter_id, False, error)
+            await msg.ack()
+            deps.metrics.invocations.labels(self.name, "failed").inc()
+            if last is not None:
+                await deps.state.finished(invocation.id, "failed", last)
+            return
+        history = await deps.state.attempts(invocation.id)
+        if last is not None:
+            history.append(last.to_json())
+        dl_id = dead_letter_id(invocation.id)
+        record = DeadLetterRecord(
+            id=dl_id,
+            invocation_id=invocation.id,
+            function=self.name,
+            binding=invocation.binding,
+            event=invocation.event,
+            reason=reason,
+            error_code=_error_code(last, reason),
+            error_message=_error_message(last, reason),
+            attempts=history,
+            enqueued_at=enqueued,
+            failed_at=datetime.now(UTC),
+            dead_letter_function=spec.dead_letter.function if spec.dead_letter else None,
+        )
+        await deps.sink.store(record)
+        if record.dead_letter_function:
+            try:
+                await deps.queue.publish(_to_dead_letter_function(record, spec, invocation))
+            except Exception:
+                # The dead letter is stored; the message stays ours so the delivery is retried.
+                await msg.nak(delay=5.0)
+                raise
+        await msg.ack()
+        deps.metrics.dead_letters.labels(self.name, reason).inc()
+        deps.metrics.invocations.labels(self.name, "dead_lettered").inc()
+        log.warning("invocation_dead_lettered", reason=reason, dead_letter_id=dl_id)
+        if last is not None:
+            await deps.state.finished(invocation.id, "dead-lettered", last, deadLetterId=dl_id)
+        last_outcome = (
+            Outcome(status=last.status, error=last.error) if last else Outcome(error=reason)
+        )
+        deps.callbacks.send(invocation, "dead-lettered", last_outcome)
+
+
+def _error_code(last: AttemptRecord | None, reason: str) -> str:
+    if last is None:
+        return reason
+    return f"http-{last.status}" if last.status is not None else (last.error or "error")
+
+
+def _error_message(last: AttemptRecord | None, reason: str) -> str:
+    if last is None:
+        return f"{reason} before the attempt could be made"
+    if last.status is not None:
+        return f"{reason}: the function answered HTTP {last.status}"
+    return f"{reason}: {last.message or last.error}"
+
+
+def _to_dead_letter_function(
+    record: DeadLetterRecord, spec: FunctionSpec, invocation: Invocation
+) -> Invocation:
+    """The original event with error extensions (Knative's knativeerror* are the model)."""
+    import base64
+
+    last = record.attempts[-1] if record.attempts else {}
+    extensions = {
+        "eventhuberrorcode": record.error_code,
+        "eventhuberrordest": spec.url,
+        "eventhuberrordata": base64.b64encode(str(last.get("response") or "").encode()).decode(),
+        "eventhubattempts": str(len(record.attempts)),
+        "eventhubdeadletter": record.id,
+        "eventhubfunction": record.function,
+        "eventhubreason": record.reason,
+    }
+    event: Event = record.event.with_extensions(**extensions)
+    return Invocation(
+        id=dead_letter_id(record.id),
+        function=record.dead_letter_function or "",
+        event=event,
+        binding=record.binding,
+        dead_letter_id=record.id,
+        traceparent=invocation.traceparent,
+        tracestate=invocation.tracestate,
+    )

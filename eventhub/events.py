@@ -1,0 +1,225 @@
+"""CloudEvents as eventhub carries them, and their HTTP protocol binding.
+
+An :class:`Event` holds the context attributes (extensions included) in their canonical string form
+(the form HTTP, Kafka and NATS headers carry) and the data as the exact bytes received. Parsing and
+validation of incoming HTTP messages (binary, structured and batch content modes) use the
+``cloudevents`` SDK; problems are reported as :class:`InvalidInput` naming the attribute.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, unquote
+
+import orjson
+from cloudevents.core.bindings import http as ce_http
+from cloudevents.core.exceptions import BaseCloudEventException, CloudEventValidationError
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+from eventhub.errors import FieldProblem, InvalidInput, UnsupportedMediaType
+
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+_JSON_TYPE = re.compile(r"^(application|text)/([a-zA-Z0-9\-.]+\+)?json(;.*)?$")
+_SAFE = "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in ' "%')
+_FORMAT = JSONFormat()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    attributes: Mapping[str, str]
+    data: bytes = b""
+
+    @property
+    def id(self) -> str:
+        return self.attributes["id"]
+
+    @property
+    def source(self) -> str:
+        return self.attributes["source"]
+
+    @property
+    def type(self) -> str:
+        return self.attributes["type"]
+
+    @property
+    def datacontenttype(self) -> str | None:
+        return self.attributes.get("datacontenttype")
+
+    def with_extensions(self, **extensions: str) -> Event:
+        return Event({**self.attributes, **extensions}, self.data)
+
+    def binary_headers(self) -> dict[str, str]:
+        """Headers of the binary content mode (HTTP, and NATS alike): ``ce-*`` and Content-Type."""
+        headers = {}
+        for name, value in self.attributes.items():
+            if name == "datacontenttype":
+                headers["content-type"] = value
+            else:
+                headers["ce-" + name] = quote(value, safe=_SAFE)
+        return headers
+
+    @classmethod
+    def from_binary_headers(cls, headers: Mapping[str, str], data: bytes) -> Event:
+        """The inverse of :meth:`binary_headers`, for headers this process wrote itself."""
+        attributes = {}
+        for name, value in headers.items():
+            lower = name.lower()
+            if lower.startswith("ce-"):
+                attributes[lower[3:]] = unquote(value)
+            elif lower == "content-type":
+                attributes["datacontenttype"] = value
+        return cls(attributes, data)
+
+    def structured(self) -> dict[str, Any]:
+        """The JSON event format: data inline when it is JSON or text, else ``data_base64``."""
+        doc: dict[str, Any] = dict(self.attributes)
+        if not self.data:
+            return doc
+        ctype = self.datacontenttype or "application/json"
+        if _JSON_TYPE.match(ctype):
+            try:
+                doc["data"] = orjson.Fragment(self.data) if _is_json(self.data) else None
+            except ValueError:
+                doc["data"] = None
+            if doc["data"] is not None:
+                return doc
+            del doc["data"]
+        if ctype.startswith("text/"):
+            try:
+                doc["data"] = self.data.decode("utf-8")
+                return doc
+            except UnicodeDecodeError:
+                pass
+        doc["data_base64"] = base64.b64encode(self.data).decode("ascii")
+        return doc
+
+    def structured_bytes(self) -> bytes:
+        return orjson.dumps(self.structured())
+
+
+def parse_http(headers: Mapping[str, str], body: bytes) -> list[Event]:
+    """The events in one HTTP request, in any content mode; raises InvalidInput/415."""
+    ctype = headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media == BATCH:
+        return _parse_batch(body)
+    if media == STRUCTURED:
+        return [_from_sdk(_read_structured(body, ""), None)]
+    if not any(name.lower() == "ce-specversion" for name in headers):
+        raise UnsupportedMediaType(
+            "not a CloudEvent: send the binary content mode (ce-specversion, ce-id, ce-source, "
+            f"ce-type headers) or Content-Type {STRUCTURED} or {BATCH}",
+            problems=(FieldProblem("ce-specversion", "header is missing"),),
+        )
+    message = ce_http.HTTPMessage(headers={k.lower(): v for k, v in headers.items()}, body=b"")
+    try:
+        sdk_event = ce_http.from_binary(message, _FORMAT, CloudEvent)
+    except CloudEventValidationError as exc:
+        raise _validation_problem(exc, "ce-") from None
+    except (BaseCloudEventException, ValueError, TypeError) as exc:
+        raise InvalidInput(f"invalid CloudEvent headers: {exc}") from None
+    return [_from_sdk(sdk_event, body)]
+
+
+def _parse_batch(body: bytes) -> list[Event]:
+    try:
+        items = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the batch is not valid JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise InvalidInput("a batch must be a JSON array of CloudEvents")
+    return [
+        _from_sdk(_read_structured(orjson.dumps(item), f"[{i}]."), None)
+        for i, item in enumerate(items)
+    ]
+
+
+def _read_structured(body: bytes, prefix: str) -> CloudEvent:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the structured CloudEvent is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(
+            "a structured CloudEvent must be a JSON object",
+            problems=(FieldProblem(prefix.rstrip(".") or "body", "must be a JSON object"),),
+        )
+    if "data" in doc and "data_base64" in doc:
+        raise InvalidInput(
+            "data and data_base64 are mutually exclusive",
+            problems=(FieldProblem(prefix + "data_base64", "must not be set with data"),),
+        )
+    try:
+        event = _FORMAT.read(CloudEvent, orjson.dumps(doc))
+    except CloudEventValidationError as exc:
+        raise _validation_problem(exc, prefix) from None
+    except (BaseCloudEventException, ValueError, TypeError) as exc:
+        raise InvalidInput(f"invalid CloudEvent: {exc}") from None
+    if not isinstance(event, CloudEvent):
+        raise InvalidInput("only CloudEvents 1.0 are accepted")
+    return event
+
+
+def _from_sdk(event: Any, raw_data: bytes | None) -> Event:
+    attributes = {}
+    for name, value in event.get_attributes().items():
+        if value is None:
+            continue
+        attributes[name] = canonical(value)
+    if raw_data is not None:
+        return Event(attributes, raw_data)
+    data = event.get_data()
+    if data is None:
+        body = b""
+    elif isinstance(data, bytes):
+        body = data
+    elif isinstance(data, str) and not _JSON_TYPE.match(attributes.get("datacontenttype", "")):
+        body = data.encode("utf-8")
+    else:
+        body = orjson.dumps(data)
+        attributes.setdefault("datacontenttype", "application/json")
+    return Event(attributes, body)
+
+
+def canonical(value: object) -> str:
+    """The canonical string of an attribute value (CloudEvents type system)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        text = value.isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    return str(value)
+
+
+def _validation_problem(exc: CloudEventValidationError, prefix: str) -> InvalidInput:
+    problems = []
+    for attribute, errors in exc.errors.items():
+        if errors:  # the SDK lists every consequence of one problem: the first says it best
+            problems.append(FieldProblem(prefix + attribute, _clean(str(errors[0]))))
+    detail = "; ".join(str(p) for p in problems) or "invalid CloudEvent"
+    return InvalidInput(f"invalid CloudEvent: {detail}", problems=tuple(problems))
+
+
+def _clean(message: str) -> str:
+    return message.split(": ", 1)[-1] if message.startswith("Invalid") else message
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def now_rfc3339() -> str:
+    return canonical(datetime.now(UTC))

@@ -1,0 +1,89 @@
+"""An invocation: one event for one function, as it travels through JetStream.
+
+The NATS message uses the CloudEvents NATS binding in binary content mode: the event's attributes
+are ``ce-*`` headers (Content-Type for ``datacontenttype``) and its data is the message body, byte
+for byte. eventhub's own headers ride beside them:
+
+=====================  ==========================================================================
+``Nats-Msg-Id``        the invocation id: JetStream drops a second publish within its window
+``Eh-Function``        the function to invoke
+``Eh-Binding``         the binding that matched (absent for direct invocations)
+``Eh-Callback``        URL that receives the outcome (``X-Callback-Url``)
+``Eh-Dead-Letter``     set on a delivery to a dead-letter function: the dead letter's id
+``traceparent``        W3C trace context, passed on to the function
+=====================  ==========================================================================
+
+Invocation ids are deterministic: the same event (source + id) matched by the same binding always
+gets the same id, so a redelivered event is deduplicated by JetStream instead of invoked twice.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from eventhub.events import Event
+
+_IDS = uuid.UUID("6f1c2f7e-3a0b-4c55-9a52-5e0c6b1de001")
+
+H_MSG_ID = "Nats-Msg-Id"
+H_FUNCTION = "Eh-Function"
+H_BINDING = "Eh-Binding"
+H_CALLBACK = "Eh-Callback"
+H_DEAD_LETTER = "Eh-Dead-Letter"
+H_TRACEPARENT = "traceparent"
+H_TRACESTATE = "tracestate"
+
+
+def event_invocation_id(event: Event, binding: str) -> str:
+    return str(uuid.uuid5(_IDS, f"{event.source}\x00{event.id}\x00{binding}"))
+
+
+def keyed_invocation_id(function: str, idempotency_key: str) -> str:
+    return str(uuid.uuid5(_IDS, f"key\x00{function}\x00{idempotency_key}"))
+
+
+def new_traceparent() -> str:
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    id: str
+    function: str
+    event: Event
+    binding: str | None = None
+    callback_url: str | None = None
+    dead_letter_id: str | None = None
+    traceparent: str = field(default_factory=new_traceparent)
+    tracestate: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        headers = self.event.binary_headers()
+        headers[H_MSG_ID] = self.id
+        headers[H_FUNCTION] = self.function
+        headers[H_TRACEPARENT] = self.traceparent
+        for name, value in (
+            (H_BINDING, self.binding),
+            (H_CALLBACK, self.callback_url),
+            (H_DEAD_LETTER, self.dead_letter_id),
+            (H_TRACESTATE, self.tracestate),
+        ):
+            if value:
+                headers[name] = value
+        return headers
+
+    @classmethod
+    def from_message(cls, headers: Mapping[str, str], data: bytes) -> Invocation:
+        return cls(
+            id=headers[H_MSG_ID],
+            function=headers[H_FUNCTION],
+            event=Event.from_binary_headers(headers, data),
+            binding=headers.get(H_BINDING),
+            callback_url=headers.get(H_CALLBACK),
+            dead_letter_id=headers.get(H_DEAD_LETTER),
+            traceparent=headers.get(H_TRACEPARENT) or new_traceparent(),
+            tracestate=headers.get(H_TRACESTATE),
+        )

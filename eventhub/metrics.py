@@ -1,0 +1,54 @@
+"""Prometheus metrics, one registry per hub process (served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_in = Counter(
+            "eventhub_events_in", "Events accepted, by source", ["source"], registry=r
+        )
+        self.invocations_enqueued = Counter(
+            "eventhub_invocations_enqueued",
+            "Invocations durably enqueued, by function",
+            ["function"],
+            registry=r,
+        )
+        self.invocations = Counter(
+            "eventhub_invocations",
+            "Invocation attempts by outcome (succeeded, retried, dead_lettered)",
+            ["function", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "eventhub_invocation_duration_seconds",
+            "Duration of one HTTP call to a function",
+            ["function"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.retries = Counter(
+            "eventhub_retries", "Attempts that will be retried", ["function"], registry=r
+        )
+        self.dead_letters = Counter(
+            "eventhub_dead_letters",
+            "Dead letters stored, by function and reason",
+            ["function", "reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "eventhub_queue_depth",
+            "Invocations waiting or in flight, by function",
+            ["function"],
+            registry=r,
+        )
+        self.http_rejected = Counter(
+            "eventhub_http_rejected",
+            "Requests refused, by HTTP status",
+            ["status"],
+            registry=r,
+        )

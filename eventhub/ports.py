@@ -1,0 +1,44 @@
+"""The small interfaces the core needs from the outside, and the records crossing them.
+
+``dlq`` implements :class:`DeadLetterSink`; the composition root (``eventhub.app``) wires it in.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from eventhub.events import Event
+
+_DEAD_LETTER_IDS = uuid.UUID("0d3a7c1e-5b7f-4c8e-8f61-2d9e4b5a7c10")
+
+
+def dead_letter_id(invocation_id: str) -> str:
+    """Deterministic, so a redelivered final attempt stores the same dead letter, once."""
+    return str(uuid.uuid5(_DEAD_LETTER_IDS, invocation_id))
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    id: str
+    invocation_id: str
+    function: str
+    binding: str | None
+    event: Event
+    reason: str
+    error_code: str
+    error_message: str
+    attempts: list[dict[str, Any]]
+    enqueued_at: datetime
+    failed_at: datetime
+    dead_letter_function: str | None
+
+
+class DeadLetterSink(Protocol):
+    async def store(self, record: DeadLetterRecord) -> None:
+        """Store durably (idempotent by ``record.id``); return only once committed."""
+
+    async def dead_letter_function_done(self, dl_id: str, ok: bool, error: str | None) -> None:
+        """Record the outcome of the delivery to the dead-letter function."""

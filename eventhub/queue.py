@@ -1,0 +1,198 @@
+"""The JetStream buffer between ingress and dispatch.
+
+One stream (``<NAMESPACE>_INVOCATIONS``, work-queue retention, ``discard: new``) holds every
+pending invocation under the subject ``<namespace>.invoke.<function>``. Each function has one
+durable pull consumer, ``fn-<function>``, shared by every hub process: its ``max_ack_pending`` is
+the function's ``maxConcurrency``, so the limit holds across processes.
+
+A publish returns only after JetStream's PubAck: the invocation is then durably stored. A
+``Nats-Msg-Id`` equal to the invocation id makes JetStream drop a repeat within the duplicate
+window. When the stream is full, JetStream refuses the message and :class:`QueueFull` is raised;
+nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import orjson
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+
+from eventhub.errors import DependencyDown, QueueFull
+from eventhub.invocations import Invocation
+from eventhub.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# JetStream error codes that mean "the stream is full".
+_FULL_CODES = {10047, 10077, 10078}  # insufficient resources, max msgs, max bytes
+_FETCH_WAITING = 512
+
+
+class InvocationQueue:
+    def __init__(self, nc: NATS, settings: Settings) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream(timeout=5.0)
+        self._settings = settings
+        self.stream = settings.stream_name
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self._js
+
+    async def ensure_stream(self) -> None:
+        s = self._settings
+        config = api.StreamConfig(
+            name=self.stream,
+            subjects=[f"{s.namespace}.invoke.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            discard=api.DiscardPolicy.NEW,
+            max_bytes=s.stream_max_bytes,
+            max_msgs=s.stream_max_msgs,
+            max_age=s.stream_max_age,
+            duplicate_window=s.duplicate_window,
+            num_replicas=s.stream_replicas,
+            storage=api.StorageType.FILE,
+        )
+        try:
+            try:
+                await self._js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                await self._js.add_stream(config)
+            else:
+                await self._js.update_stream(config)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise DependencyDown(f"JetStream stream setup failed: {exc}") from exc
+
+    async def ensure_consumer(self, function: str, max_concurrency: int) -> None:
+        """Create or update the function's shared consumer."""
+        config = api.ConsumerConfig(
+            name=self._settings.consumer_for(function),
+            durable_name=self._settings.consumer_for(function),
+            filter_subject=self._settings.subject_for(function),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self._settings.ack_wait,
+            max_ack_pending=max_concurrency,
+            max_deliver=-1,  # eventhub decides when to give up: see eventhub.retry
+            max_waiting=_FETCH_WAITING,
+        )
+        try:
+            await self._js.add_consumer(self.stream, config)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise DependencyDown(f"JetStream consumer setup failed for {function}: {exc}") from exc
+
+    async def delete_consumer(self, function: str) -> None:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._js.delete_consumer(self.stream, self._settings.consumer_for(function))
+
+    async def puller(self, function: str) -> Puller:
+        puller = Puller(self._nc, self.stream, self._settings.consumer_for(function))
+        await puller.open()
+        return puller
+
+    async def publish(self, invocation: Invocation) -> bool:
+        """Store one invocation durably; False when JetStream saw it already (duplicate)."""
+        try:
+            ack = await self._js.publish(
+                self._settings.subject_for(invocation.function),
+                invocation.event.data,
+                headers=invocation.headers(),
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _FULL_CODES or (exc.description or "").startswith("maximum"):
+                raise QueueFull(
+                    f"the invocation buffer is full ({exc.description})", retry_after=5
+                ) from exc
+            raise DependencyDown(f"JetStream refused the message: {exc.description}") from exc
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise DependencyDown(f"JetStream is unavailable: {type(exc).__name__}") from exc
+        return not ack.duplicate
+
+    async def publish_all(self, invocations: Sequence[Invocation]) -> int:
+        """Publish concurrently; returns how many were new. Raises the first failure after
+        every publish has finished, so a caller never answers before JetStream did."""
+        if len(invocations) == 1:
+            return int(await self.publish(invocations[0]))
+        results = await asyncio.gather(
+            *(self.publish(i) for i in invocations), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return sum(1 for r in results if r is True)
+
+    async def depth(self, function: str) -> int | None:
+        """Messages waiting or in flight for ``function``; None if it has no consumer yet."""
+        try:
+            info = await self._js.consumer_info(self.stream, self._settings.consumer_for(function))
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
+END = None  # what Puller.next returns when a pull request is over
+
+
+class Puller:
+    """A continuous pull from one durable consumer: each message is handed over as it arrives.
+
+    nats-py's ``fetch`` returns only when its request is over, so a batch that meets the
+    consumer's ``max_ack_pending`` waits for the request to expire before any of it is handed
+    over. Here the request is sent by hand and its messages are read one by one, so a message
+    is processed as soon as JetStream delivers it, while the request stays open for the rest.
+    """
+
+    def __init__(self, nc: NATS, stream: str, consumer: str) -> None:
+        self._nc = nc
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = ""
+        self._sub: Any = None
+
+    async def open(self) -> None:
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def request(self, batch: int, expires: float, heartbeat: float) -> None:
+        body = {
+            "batch": batch,
+            "expires": int(expires * 1e9),
+            "idle_heartbeat": int(heartbeat * 1e9),
+        }
+        await self._nc.publish(self._next_subject, orjson.dumps(body), reply=self._inbox)
+
+    async def next(self, wait: float) -> Msg | None:
+        """The next message of the open request, or END when the request is over (expired,
+        refused, or silent for ``wait`` seconds: a lost request after a reconnect)."""
+        while True:
+            try:
+                msg: Msg = await self._sub.next_msg(timeout=wait)
+            except nats.errors.TimeoutError:
+                return END
+            status = msg.headers.get("Status") if msg.headers else None
+            if status is None:
+                return msg
+            if status == "100":  # idle heartbeat: the request is alive
+                continue
+            if status not in ("404", "408", "409"):
+                log.warning(
+                    "pull_refused",
+                    status=status,
+                    description=msg.headers.get("Description") if msg.headers else None,
+                )
+            return END

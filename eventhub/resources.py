@@ -1,0 +1,269 @@
+"""The declarative resources: Function, Source and Binding.
+
+Each is a YAML document::
+
+    apiVersion: eventhub/v1
+    kind: Function            # Function | Source | Binding
+    metadata: {name: resize-image}
+    spec: {...}
+
+They are validated when declared (``eventhub apply``, ``PUT /v1/...``), never at first delivery:
+a problem is reported with the file, the resource and the field (``spec.retry.maxAttempts``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from eventhub.errors import FieldProblem, ResourceInvalid
+from eventhub.filters import FilterError, compile_filters
+from eventhub.units import Rate, parse_duration, parse_rate
+
+API_VERSION = "eventhub/v1"
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+API_SOURCE = "api"
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Kind(StrEnum):
+    FUNCTION = "Function"
+    SOURCE = "Source"
+    BINDING = "Binding"
+
+    @property
+    def plural(self) -> str:
+        return self.value.lower() + "s"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class RetrySpec(_Spec):
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    initial_delay: Duration = 1.0
+    max_delay: Duration = 300.0
+    multiplier: float = Field(default=2.0, ge=1.0, le=10.0)
+    # Fraction of each delay drawn at random (0: none, 1: "full jitter").
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+
+
+class DeadLetterSpec(_Spec):
+    function: str = Field(pattern=NAME_PATTERN)
+
+
+class FunctionSpec(_Spec):
+    url: str
+    timeout: Duration = 30.0
+    max_concurrency: int = Field(default=10, ge=1, le=10_000)
+    rate_limit: Rate | None = None
+    retry: RetrySpec = RetrySpec()
+    max_event_age: Duration = 6 * 3600.0
+    dead_letter: DeadLetterSpec | None = None
+    event_format: Literal["binary", "structured"] = "binary"
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        from yarl import URL
+
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        return value
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _parse_rate(cls, value: object) -> object:
+        return parse_rate(value) if isinstance(value, str) else value
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+
+class SourceType(StrEnum):
+    KAFKA = "kafka"
+    RABBITMQ = "rabbitmq"
+    MQTT = "mqtt"
+    MINIO = "minio"
+    CRON = "cron"
+
+
+class SourceSpec(BaseModel):
+    """The connector's own options are validated by its connector."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: SourceType
+
+
+class BindingSpec(_Spec):
+    source: str = Field(pattern=NAME_PATTERN)
+    function: str = Field(pattern=NAME_PATTERN)
+    # Validated by eventhub.filters in parse_resource, which names the exact path.
+    filter: list[Any] = Field(default_factory=list)
+
+
+SpecModel = FunctionSpec | SourceSpec | BindingSpec
+SPEC_MODELS: dict[Kind, type[BaseModel]] = {
+    Kind.FUNCTION: FunctionSpec,
+    Kind.SOURCE: SourceSpec,
+    Kind.BINDING: BindingSpec,
+}
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A validated resource; ``spec`` is kept as the user wrote it, ``model`` is its typed form."""
+
+    kind: Kind
+    name: str
+    spec: Mapping[str, Any]
+    model: Any
+    labels: Mapping[str, str]
+
+    def document(self) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": self.name}
+        if self.labels:
+            metadata["labels"] = dict(self.labels)
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind.value,
+            "metadata": metadata,
+            "spec": dict(self.spec),
+        }
+
+
+def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -> Resource:
+    """Validate one resource document; raises ResourceInvalid naming origin, resource, field."""
+    if not isinstance(doc, Mapping):
+        raise _invalid(origin, "resource", "?", "", "must be a mapping with apiVersion and kind")
+    raw_kind = doc.get("kind")
+    metadata = doc.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    shown = name if isinstance(name, str) else "?"
+    label = str(raw_kind) if raw_kind else "resource"
+    if doc.get("apiVersion") != API_VERSION:
+        raise _invalid(origin, label, shown, "apiVersion", f"must be '{API_VERSION}'")
+    try:
+        parsed_kind = Kind(str(raw_kind))
+    except ValueError:
+        raise _invalid(
+            origin, label, shown, "kind", "must be one of Function, Source, Binding"
+        ) from None
+    if kind is not None and parsed_kind is not kind:
+        raise _invalid(origin, label, shown, "kind", f"must be {kind.value} here")
+    if not isinstance(metadata, Mapping):
+        raise _invalid(origin, label, shown, "metadata", "must be a mapping with a name")
+    if not isinstance(name, str) or not _valid_name(name):
+        raise _invalid(
+            origin,
+            label,
+            shown,
+            "metadata.name",
+            "must be 1-63 lowercase letters, digits or '-', starting and ending alphanumeric",
+        )
+    labels = metadata.get("labels") or {}
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise _invalid(origin, label, name, "metadata.labels", "must map strings to strings")
+    spec = doc.get("spec")
+    if not isinstance(spec, Mapping):
+        raise _invalid(origin, label, name, "spec", "is required and must be a mapping")
+    try:
+        model = SPEC_MODELS[parsed_kind].model_validate(spec)
+    except ValidationError as exc:
+        problems = tuple(
+            FieldProblem(_field_path(err["loc"]), _message(err)) for err in exc.errors()
+        )
+        raise ResourceInvalid(origin=origin, kind=label, name=name, problems=problems) from None
+    if isinstance(model, BindingSpec):
+        try:
+            compile_filters(model.filter, path="spec.filter")
+        except FilterError as exc:
+            raise ResourceInvalid(
+                origin=origin,
+                kind=label,
+                name=name,
+                problems=(FieldProblem(exc.path, exc.message),),
+            ) from None
+    return Resource(parsed_kind, name, dict(spec), model, dict(labels))
+
+
+def load_path(path: Path) -> list[Resource]:
+    """Every resource in a file or in the ``*.yaml``/``*.yml`` files of a folder (sorted)."""
+    files = (
+        sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+        if path.is_dir()
+        else [path]
+    )
+    resources: list[Resource] = []
+    for file in files:
+        for index, doc in _documents(file):
+            origin = f"{file}" if index == 0 else f"{file} (document {index + 1})"
+            resources.append(parse_resource(doc, origin))
+    return resources
+
+
+def _documents(file: Path) -> Iterator[tuple[int, object]]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _invalid(str(file), "file", file.name, "", exc.strerror or str(exc)) from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise _invalid(str(file), "file", file.name, "", f"not valid YAML{where}: {exc}") from None
+    yield from enumerate(docs)
+
+
+def _valid_name(name: str) -> bool:
+    import re
+
+    return re.match(NAME_PATTERN, name) is not None
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    parts = ["spec"]
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] += f"[{item}]"
+        elif not item.startswith("function-after") and item not in ("dict", "list"):
+            parts.append(item)
+    return ".".join(parts)
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    msg = str(err.get("msg", "is invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def _invalid(origin: str, kind: str, name: str, field: str, message: str) -> ResourceInvalid:
+    return ResourceInvalid(
+        origin=origin, kind=kind, name=name, problems=(FieldProblem(field, message),)
+    )

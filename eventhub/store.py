@@ -1,0 +1,274 @@
+"""The resource store: Functions, Sources and Bindings in PostgreSQL.
+
+Writes check references (a Binding's function and source, a Function's dead-letter function) in
+the same transaction, and announce themselves with ``NOTIFY <namespace>_resources`` so that every
+hub process reloads its routing cache without a query per event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from eventhub.errors import Conflict, FieldProblem, NotFound, ResourceInvalid
+from eventhub.resources import API_SOURCE, Kind, Resource, parse_resource
+
+_ORDER = (Kind.FUNCTION, Kind.SOURCE, Kind.BINDING)
+
+
+@dataclass
+class ApplyPlan:
+    """What an apply did (or, with dry-run, would do)."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+
+
+class ResourceStore:
+    def __init__(self, pool: Any, namespace: str) -> None:
+        self._pool = pool
+        self.channel = f"{namespace}_resources"
+
+    async def of_kind(self, kind: Kind) -> list[Resource]:
+        rows = await self._pool.fetch(
+            "select kind, name, spec, labels from resources where kind = $1 order by name",
+            kind.value,
+        )
+        return [_from_row(r) for r in rows]
+
+    async def all(self) -> list[Resource]:
+        rows = await self._pool.fetch("select kind, name, spec, labels from resources")
+        return [_from_row(r) for r in rows]
+
+    async def get(self, kind: Kind, name: str) -> Resource:
+        row = await self._pool.fetchrow(
+            "select kind, name, spec, labels from resources where kind = $1 and name = $2",
+            kind.value,
+            name,
+        )
+        if row is None:
+            raise NotFound(f"{kind.value} '{name}' does not exist")
+        return _from_row(row)
+
+    async def put(self, resource: Resource) -> bool:
+        """Create or replace one resource; True when it was created."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await _check_references(conn, [resource])
+            created = await _upsert(conn, resource, None)
+            await _notify(conn, self.channel, resource)
+        return created is True
+
+    async def delete(self, kind: Kind, name: str) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await _check_not_referenced(conn, kind, name, ignore=())
+            status = await conn.execute(
+                "delete from resources where kind = $1 and name = $2", kind.value, name
+            )
+            if status.endswith(" 0"):
+                raise NotFound(f"{kind.value} '{name}' does not exist")
+            await conn.execute("select pg_notify($1, $2)", self.channel, f"{kind.value}/{name}")
+
+    async def apply(
+        self,
+        resources: Sequence[Resource],
+        *,
+        apply_set: str,
+        prune: bool = False,
+        dry_run: bool = False,
+    ) -> ApplyPlan:
+        """Upsert ``resources`` as one transaction; with ``prune``, delete the resources of
+        ``apply_set`` that are no longer declared. ``dry_run`` rolls everything back."""
+        _reject_duplicates(resources)
+        ordered = sorted(resources, key=lambda r: _ORDER.index(r.kind))
+        plan = ApplyPlan()
+        async with self._pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await _check_references(conn, ordered)
+                for resource in ordered:
+                    outcome = await _upsert(conn, resource, apply_set)
+                    label = f"{resource.kind.value}/{resource.name}"
+                    target = {True: plan.created, False: plan.updated, None: plan.unchanged}
+                    target[outcome].append(label)
+                if prune:
+                    plan.pruned = await _prune(conn, ordered, apply_set)
+                if plan.created or plan.updated or plan.pruned:
+                    await conn.execute("select pg_notify($1, 'apply')", self.channel)
+            except BaseException:
+                await tx.rollback()
+                raise
+            if dry_run:
+                await tx.rollback()
+            else:
+                await tx.commit()
+        return plan
+
+    async def listen(self, on_change: Callable[[], Awaitable[None]], dsn: str) -> None:
+        """Call ``on_change`` after every resource change until cancelled.
+
+        Holds its own connection; a lost connection is re-opened and followed by a call to
+        ``on_change`` so that nothing announced meanwhile is missed.
+        """
+        import asyncio
+
+        import asyncpg
+
+        changed = asyncio.Event()
+
+        def _on_notify(*_: object) -> None:
+            changed.set()
+
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(dsn)
+                await conn.add_listener(self.channel, _on_notify)
+                changed.set()  # reload once: changes may have happened while not listening
+                while not conn.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), timeout=5.0)
+                    if changed.is_set():
+                        changed.clear()
+                        await on_change()
+            except (OSError, asyncpg.PostgresError):
+                await asyncio.sleep(1.0)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=2))
+
+
+def _from_row(row: Any) -> Resource:
+    doc = {
+        "apiVersion": "eventhub/v1",
+        "kind": row["kind"],
+        "metadata": {"name": row["name"], "labels": orjson.loads(row["labels"])},
+        "spec": orjson.loads(row["spec"]),
+    }
+    return parse_resource(doc, "database")
+
+
+async def _upsert(conn: Any, resource: Resource, apply_set: str | None) -> bool | None:
+    """True: created; False: updated; None: unchanged."""
+    spec = orjson.dumps(dict(resource.spec)).decode()
+    labels = orjson.dumps(dict(resource.labels)).decode()
+    row = await conn.fetchrow(
+        "select spec = $3::jsonb and labels = $4::jsonb as same, apply_set"
+        " from resources where kind = $1 and name = $2 for update",
+        resource.kind.value,
+        resource.name,
+        spec,
+        labels,
+    )
+    if row is None:
+        await conn.execute(
+            "insert into resources (kind, name, spec, labels, apply_set)"
+            " values ($1, $2, $3::jsonb, $4::jsonb, $5)",
+            resource.kind.value,
+            resource.name,
+            spec,
+            labels,
+            apply_set,
+        )
+        return True
+    if row["same"] and (apply_set is None or row["apply_set"] == apply_set):
+        return None
+    await conn.execute(
+        "update resources set spec = $3::jsonb, labels = $4::jsonb,"
+        " apply_set = coalesce($5, apply_set), generation = generation + 1, updated_at = now()"
+        " where kind = $1 and name = $2",
+        resource.kind.value,
+        resource.name,
+        spec,
+        labels,
+        apply_set,
+    )
+    return None if row["same"] else False
+
+
+async def _prune(conn: Any, keep: Iterable[Resource], apply_set: str) -> list[str]:
+    declared = {(r.kind.value, r.name) for r in keep}
+    rows = await conn.fetch("select kind, name from resources where apply_set = $1", apply_set)
+    doomed = [(r["kind"], r["name"]) for r in rows if (r["kind"], r["name"]) not in declared]
+    doomed.sort(key=lambda kn: -_ORDER.index(Kind(kn[0])))
+    for kind, name in doomed:
+        await _check_not_referenced(conn, Kind(kind), name, ignore=doomed)
+        await conn.execute("delete from resources where kind = $1 and name = $2", kind, name)
+    return [f"{kind}/{name}" for kind, name in doomed]
+
+
+async def _check_references(conn: Any, resources: Sequence[Resource]) -> None:
+    """Every name a resource points at must exist, in the store or in this same batch."""
+    pending = {(r.kind, r.name) for r in resources}
+
+    async def exists(kind: Kind, name: str) -> bool:
+        if (kind, name) in pending:
+            return True
+        return bool(
+            await conn.fetchval(
+                "select 1 from resources where kind = $1 and name = $2", kind.value, name
+            )
+        )
+
+    for resource in resources:
+        refs: list[tuple[str, Kind, str]] = []
+        if resource.kind is Kind.BINDING:
+            refs.append(("spec.function", Kind.FUNCTION, resource.model.function))
+            if resource.model.source != API_SOURCE:
+                refs.append(("spec.source", Kind.SOURCE, resource.model.source))
+        elif resource.kind is Kind.FUNCTION and resource.model.dead_letter is not None:
+            refs.append(
+                ("spec.deadLetter.function", Kind.FUNCTION, resource.model.dead_letter.function)
+            )
+        for path, kind, name in refs:
+            if not await exists(kind, name):
+                raise ResourceInvalid(
+                    origin="",
+                    kind=resource.kind.value,
+                    name=resource.name,
+                    problems=(FieldProblem(path, f"{kind.value} '{name}' does not exist"),),
+                )
+
+
+async def _check_not_referenced(
+    conn: Any, kind: Kind, name: str, ignore: Sequence[tuple[str, str]]
+) -> None:
+    if kind is Kind.BINDING:
+        return
+    rows = await conn.fetch(
+        "select kind, name from resources where"
+        " (kind = 'Binding' and spec->>($1::text) = $2)"
+        " or (kind = 'Function' and $1 = 'function' and spec->'deadLetter'->>'function' = $2"
+        "     and name <> $2)",
+        "function" if kind is Kind.FUNCTION else "source",
+        name,
+    )
+    users = [f"{r['kind']}/{r['name']}" for r in rows if (r["kind"], r["name"]) not in ignore]
+    if users:
+        raise Conflict(f"{kind.value} '{name}' is still used by {', '.join(sorted(users))}")
+
+
+def _reject_duplicates(resources: Sequence[Resource]) -> None:
+    seen: set[tuple[Kind, str]] = set()
+    for r in resources:
+        if (r.kind, r.name) in seen:
+            raise ResourceInvalid(
+                origin="",
+                kind=r.kind.value,
+                name=r.name,
+                problems=(FieldProblem("metadata.name", "is declared twice"),),
+            )
+        seen.add((r.kind, r.name))
+
+
+async def _notify(conn: Any, channel: str, resource: Resource) -> None:
+    await conn.execute(
+        "select pg_notify($1, $2)", channel, f"{resource.kind.value}/{resource.name}"
+    )
