@@ -167,7 +167,12 @@ class Hub:
                 "redis": self._check_redis,
             },
         )
-        runner = web.AppRunner(build_api(ctx), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            build_api(ctx),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=min(self.settings.shutdown_timeout, 10.0),
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, self.settings.port, backlog=1024)
         await site.start()

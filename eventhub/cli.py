@@ -37,7 +37,9 @@ def fail(message: str) -> None:
 
 def _settings() -> Settings:
     try:
-        return Settings()
+        settings = Settings()
+        configure_logs("warning", "console")  # `run` reconfigures from the settings
+        return settings
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])

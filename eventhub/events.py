@@ -106,26 +106,28 @@ class Event:
 
 def parse_http(headers: Mapping[str, str], body: bytes) -> list[Event]:
     """The events in one HTTP request, in any content mode; raises InvalidInput/415."""
-    ctype = headers.get("content-type", "")
+    ctype = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
     media = ctype.split(";", 1)[0].strip().lower()
     if media == BATCH:
         return _parse_batch(body)
     if media == STRUCTURED:
-        return [_from_sdk(_read_structured(body, ""), None)]
+        return [_read_structured(body, "")]
     if not any(name.lower() == "ce-specversion" for name in headers):
         raise UnsupportedMediaType(
             "not a CloudEvent: send the binary content mode (ce-specversion, ce-id, ce-source, "
             f"ce-type headers) or Content-Type {STRUCTURED} or {BATCH}",
             problems=(FieldProblem("ce-specversion", "header is missing"),),
         )
-    message = ce_http.HTTPMessage(headers={k.lower(): v for k, v in headers.items()}, body=b"")
+    lowered = {k.lower(): v for k, v in headers.items()}
+    _require({k[3:] for k in lowered if k.startswith("ce-")}, "ce-")
+    message = ce_http.HTTPMessage(headers=lowered, body=b"")
     try:
         sdk_event = ce_http.from_binary(message, _FORMAT, CloudEvent)
     except CloudEventValidationError as exc:
         raise _validation_problem(exc, "ce-") from None
     except (BaseCloudEventException, ValueError, TypeError) as exc:
         raise InvalidInput(f"invalid CloudEvent headers: {exc}") from None
-    return [_from_sdk(sdk_event, body)]
+    return [_from_sdk(sdk_event, body, had_time="ce-time" in lowered)]
 
 
 def _parse_batch(body: bytes) -> list[Event]:
@@ -135,13 +137,19 @@ def _parse_batch(body: bytes) -> list[Event]:
         raise InvalidInput(f"the batch is not valid JSON: {exc}") from None
     if not isinstance(items, list):
         raise InvalidInput("a batch must be a JSON array of CloudEvents")
-    return [
-        _from_sdk(_read_structured(orjson.dumps(item), f"[{i}]."), None)
-        for i, item in enumerate(items)
-    ]
+    return [_read_structured(orjson.dumps(item), f"[{i}].") for i, item in enumerate(items)]
 
 
-def _read_structured(body: bytes, prefix: str) -> CloudEvent:
+def _require(present: set[str], prefix: str) -> None:
+    """The SDK invents a missing id and time: an incoming event must carry its own."""
+    missing = [a for a in ("specversion", "id", "source", "type") if a not in present]
+    if missing:
+        problems = tuple(FieldProblem(prefix + a, "is required") for a in missing)
+        detail = "; ".join(str(p) for p in problems)
+        raise InvalidInput(f"invalid CloudEvent: {detail}", problems=problems)
+
+
+def _read_structured(body: bytes, prefix: str) -> Event:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -156,6 +164,7 @@ def _read_structured(body: bytes, prefix: str) -> CloudEvent:
             "data and data_base64 are mutually exclusive",
             problems=(FieldProblem(prefix + "data_base64", "must not be set with data"),),
         )
+    _require(set(doc), prefix)
     try:
         event = _FORMAT.read(CloudEvent, orjson.dumps(doc))
     except CloudEventValidationError as exc:
@@ -164,13 +173,13 @@ def _read_structured(body: bytes, prefix: str) -> CloudEvent:
         raise InvalidInput(f"invalid CloudEvent: {exc}") from None
     if not isinstance(event, CloudEvent):
         raise InvalidInput("only CloudEvents 1.0 are accepted")
-    return event
+    return _from_sdk(event, None, had_time="time" in doc)
 
 
-def _from_sdk(event: Any, raw_data: bytes | None) -> Event:
+def _from_sdk(event: Any, raw_data: bytes | None, *, had_time: bool) -> Event:
     attributes = {}
     for name, value in event.get_attributes().items():
-        if value is None:
+        if value is None or (name == "time" and not had_time):
             continue
         attributes[name] = canonical(value)
     if raw_data is not None:
@@ -180,7 +189,9 @@ def _from_sdk(event: Any, raw_data: bytes | None) -> Event:
         body = b""
     elif isinstance(data, bytes):
         body = data
-    elif isinstance(data, str) and not _JSON_TYPE.match(attributes.get("datacontenttype", "")):
+    elif isinstance(data, str) and not _JSON_TYPE.match(
+        attributes.get("datacontenttype", "application/json")
+    ):
         body = data.encode("utf-8")
     else:
         body = orjson.dumps(data)

@@ -161,6 +161,7 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
     if not isinstance(doc, Mapping):
         raise _invalid(origin, "resource", "?", "", "must be a mapping with apiVersion and kind")
     raw_kind = doc.get("kind")
+    unknown = sorted(str(k) for k in doc if k not in ("apiVersion", "kind", "metadata", "spec"))
     metadata = doc.get("metadata")
     name = metadata.get("name") if isinstance(metadata, Mapping) else None
     shown = name if isinstance(name, str) else "?"
@@ -175,6 +176,8 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
         ) from None
     if kind is not None and parsed_kind is not kind:
         raise _invalid(origin, label, shown, "kind", f"must be {kind.value} here")
+    if unknown:
+        raise _invalid(origin, label, shown, unknown[0], "is not a resource field")
     if not isinstance(metadata, Mapping):
         raise _invalid(origin, label, shown, "metadata", "must be a mapping with a name")
     if not isinstance(name, str) or not _valid_name(name):

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ def parse_duration(value: str | float | int) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '30s' or '5m'")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be a finite number")
         if value < 0:
             raise ValueError("a duration must not be negative")
         return float(value)
