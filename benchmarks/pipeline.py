@@ -639,7 +639,7 @@ class Profiler:
 
     def start(self) -> None:
         argv = ["py-spy", "record", "--pid", str(self.child.process.pid), "--format", "raw"]
-        argv += ["--rate", "200", "--nonblocking", "--output", str(self.path)]
+        argv += ["--rate", "100", "--output", str(self.path)]
         self.spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
@@ -649,23 +649,25 @@ class Profiler:
         self.spy = None
 
 
-def summarize_profile(path: Path, top: int = 25) -> None:
-    """Print the frames most often on the stack (inclusive) and at its top (self)."""
+def summarize_profile(path: Path, top: int = 20) -> None:
+    """Print the frames most often at the top of the stack (self) and on it (inclusive,
+    leaving out the event loop's own frames, which are on nearly every stack)."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
     total = 0
     for line in path.read_text(encoding="utf-8").splitlines():
         stack, _, count = line.rpartition(" ")
         frames = [f.rsplit(" (", 1)[0] + " " + _short(f) for f in stack.split(";")]
-        n = int(count)
-        total += n
-        own[frames[-1]] += n
+        total += int(count)
+        own[frames[-1]] += int(count)
         for frame in set(frames):
-            inclusive[frame] += n
-    print(f"\n--- {path.name}: {total} samples")
+            inclusive[frame] += int(count)
+    loop = max(inclusive.values(), default=0) * 0.9
+    print(f"\n--- {path}: {total} samples (CPU only, 100/s)")
     for title, counter in (("self", own), ("inclusive", inclusive)):
         print(f"  top {title}:")
-        for frame, n in counter.most_common(top):
+        ranked = [(f, n) for f, n in counter.most_common() if title == "self" or n < loop]
+        for frame, n in ranked[:top]:
             print(f"    {100 * n / total:5.1f}%  {frame}")
 
 

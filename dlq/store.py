@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
 
 from eventhub.errors import InvalidInput, NotFound
@@ -86,8 +87,8 @@ class DeadLetterStore:
                 f"select {_COLUMNS} from dead_letters where id = $1::uuid",  # noqa: S608 - constant
                 dl_id,
             )
-        except ValueError:
-            row = None
+        except (ValueError, asyncpg.DataError):
+            row = None  # not a UUID: no such dead letter
         if row is None:
             raise NotFound(f"dead letter '{dl_id}' does not exist")
         return to_document(row)

@@ -136,8 +136,7 @@ class Hub:
         if Role.DISPATCH in self.roles:
             await self.dispatcher.start()
             self._own(self._watch_depths())
-        if Role.API in self.roles:
-            await self._start_api()
+        await self._start_http()
         log.info("hub_started", roles=sorted(r.value for r in self.roles), port=self.port)
 
     async def stop(self) -> None:
@@ -152,7 +151,8 @@ class Hub:
             await asyncio.wait(self._tasks)
         log.info("hub_stopped")
 
-    async def _start_api(self) -> None:
+    async def _start_http(self) -> None:
+        """Every role serves /healthz, /readyz and /metrics; the api role also serves /v1."""
         ctx = ApiContext(
             settings=self.settings,
             metrics=self.metrics,
@@ -168,7 +168,7 @@ class Hub:
             },
         )
         runner = web.AppRunner(
-            build_api(ctx),
+            build_api(ctx, v1=Role.API in self.roles),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=min(self.settings.shutdown_timeout, 10.0),

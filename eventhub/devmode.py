@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from eventhub import db, samplefn
-from eventhub.app import Role, serve
+from eventhub.app import Hub, Role, connect
 from eventhub.embedded import EmbeddedServices
 from eventhub.logs import configure as configure_logs
 from eventhub.resources import load_path
@@ -54,8 +54,14 @@ async def run_dev(
         await web.TCPSite(runner, "127.0.0.1", function_port).start()
         try:
             await _apply_examples(settings, examples)
-            _banner(settings, token, function_port)
-            await serve(settings, set(Role), stop)
+            async with connect(settings) as services:
+                hub = Hub(settings, set(Role), services)
+                await hub.start()
+                try:
+                    _banner(settings, token, function_port)  # once the API listens
+                    await stop.wait()
+                finally:
+                    await hub.stop()
         finally:
             await runner.cleanup()
 

@@ -7,6 +7,8 @@ as one line: the path, the event's id and type, and its eventhub* extensions.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Callable
 
 from aiohttp import web
@@ -17,6 +19,9 @@ def build(say: Callable[[str], None]) -> web.Application:
         body = await request.read()
         name = request.match_info["name"]
         ce = {k[3:].lower(): v for k, v in request.headers.items() if k.lower().startswith("ce-")}
+        if request.content_type == "application/cloudevents+json":
+            with contextlib.suppress(ValueError):
+                ce = {k: str(v) for k, v in json.loads(body).items() if k != "data"}
         extras = " ".join(f"{k}={v}" for k, v in sorted(ce.items()) if k.startswith("eventhub"))
         attempt = request.headers.get("Eventhub-Attempt")
         line = f"sample function /{name}: id={ce.get('id')} type={ce.get('type')}"

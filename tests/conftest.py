@@ -141,3 +141,18 @@ def hub_process(settings: Settings) -> Iterator[HubProcess]:
     yield factory  # type: ignore[misc]
     for process in processes:
         process.kill()
+
+
+@pytest.fixture
+def settings_factory(settings: Settings) -> Iterator[object]:
+    """Hub processes with chosen roles: ``settings_factory("api")``."""
+    processes: list[HubProcess] = []
+
+    def factory(*roles: str) -> HubProcess:
+        process = HubProcess(settings, TOKEN, *roles)
+        processes.append(process)
+        return process
+
+    yield factory
+    for process in processes:
+        process.kill()

@@ -8,14 +8,16 @@ from eventhub.api import deadletters, health, ingress, middleware, resources
 from eventhub.api.context import CONTEXT, ApiContext
 
 
-def build(ctx: ApiContext) -> web.Application:
+def build(ctx: ApiContext, *, v1: bool = True) -> web.Application:
+    """Health and metrics always; the ``/v1`` API (and its OpenFaaS alias) when ``v1``."""
     app = web.Application(
         middlewares=[middleware.errors, middleware.auth],
         client_max_size=ctx.settings.max_body_size,
     )
     app[CONTEXT] = ctx
     health.add_routes(app)
-    ingress.add_routes(app)
-    resources.add_routes(app)
-    deadletters.add_routes(app)
+    if v1:
+        ingress.add_routes(app)
+        resources.add_routes(app)
+        deadletters.add_routes(app)
     return app

@@ -59,6 +59,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         return problem(_http_error(exc))
+    except Exception:
+        # Logged once, here; the client learns nothing of the internals.
+        log.exception("request_failed", method=request.method, path=request.path)
+        return problem(EventhubError("the request could not be handled: see the hub's log"))
 
 
 def _http_error(exc: web.HTTPException) -> EventhubError:

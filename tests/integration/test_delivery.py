@@ -126,3 +126,56 @@ async def test_exhausted_retries_reach_the_dead_letter_function(
         await asyncio.sleep(0.1)
         [letter] = await hub.dead_letters(function="doomed")
     assert letter["deadLetterFunction"]["name"] == "dlf"
+
+
+async def test_timeouts_are_retried_and_max_event_age_ends_in_a_dead_letter(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    function.delays["sluggish"] = 1.0
+    await hub.function(
+        "sluggish",
+        function.url("sluggish"),
+        timeout="200ms",
+        maxEventAge="1500ms",
+        retry={"maxAttempts": 10, "initialDelay": "300ms", "multiplier": 1, "jitter": 0},
+    )
+    await hub.bind("to-sluggish", "sluggish")
+    assert (await hub.post_event("late")).status == 202
+    [letter] = await hub.wait_dead_letters(1, function="sluggish")
+    assert letter["reason"] == "event-expired"
+    assert letter["errorCode"] == "timeout"
+    assert all(a["error"] == "timeout" for a in letter["attempts"])
+    assert 2 <= len(letter["attempts"]) < 10  # retried, then stopped by age, not by attempts
+
+
+async def test_long_function_keeps_its_message_with_in_progress(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    ack_wait = hub.hub.settings.ack_wait  # type: ignore[union-attr]
+    function.delays["long"] = ack_wait * 1.6
+    await hub.function("long", function.url("long"), timeout=f"{ack_wait * 4}s")
+    await hub.bind("to-long", "long")
+    assert (await hub.post_event("marathon")).status == 202
+    await function.wait_for(1, "long")
+    await asyncio.sleep(ack_wait * 2)
+    assert len(function.calls_to("long")) == 1  # not redelivered while it ran
+
+
+async def test_metrics_count_events_outcomes_and_dead_letters(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    function.respond("m", 200, 404)
+    await hub.function("m", function.url("m"))
+    await hub.bind("to-m", "m")
+    await hub.post_event("m1")
+    await function.wait_for(1, "m")
+    await hub.post_event("m2")
+    await hub.wait_dead_letters(1, function="m")
+    await asyncio.sleep(0.2)
+    async with hub.http.get(f"{hub.base_url}/metrics") as response:
+        text = await response.text()
+    assert 'eventhub_events_in_total{source="api"} 2.0' in text
+    assert 'eventhub_invocations_total{function="m",outcome="succeeded"} 1.0' in text
+    assert 'eventhub_invocations_total{function="m",outcome="dead_lettered"} 1.0' in text
+    assert 'eventhub_dead_letters_total{function="m",reason="non-retryable"} 1.0' in text
+    assert 'eventhub_invocation_duration_seconds_count{function="m"} 2.0' in text

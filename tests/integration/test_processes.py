@@ -79,3 +79,19 @@ async def test_max_concurrency_holds_across_two_processes(
     await function.wait_for(30, "busy", wait=30)
     assert function.max_in_flight == 3
     assert len({c.ce["id"] for c in function.calls_to("busy")}) == 30
+
+
+async def test_roles_run_apart(
+    settings_factory: Callable[..., HubProcess], function: FunctionServer
+) -> None:
+    api = settings_factory("api")
+    dispatch = settings_factory("dispatch")
+    await api.ready()
+    await dispatch.ready()
+    async with client(api) as hub:
+        await hub.function("split", function.url("split"))
+        await hub.bind("to-split", "split")
+        await asyncio.sleep(0.5)
+        assert (await hub.post_event("across")).status == 202
+    [call] = await function.wait_for(1, "split")
+    assert call.ce["id"] == "across"
