@@ -62,6 +62,10 @@ class Ingress:
             for route in routes.match(source, event)
         ]
         self._metrics.events_in.labels(source).inc(len(events))
+        routed = {i.event.id for i in invocations}
+        unrouted = sum(1 for e in events if e.id not in routed)
+        if unrouted:
+            self._metrics.events_unrouted.labels(source).inc(unrouted)
         if invocations:
             await self._queue.publish_all(invocations)
             await self._state.queued([(i.id, i.function) for i in invocations])

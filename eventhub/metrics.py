@@ -12,6 +12,12 @@ class Metrics:
         self.events_in = Counter(
             "eventhub_events_in", "Events accepted, by source", ["source"], registry=r
         )
+        self.events_unrouted = Counter(
+            "eventhub_events_unrouted",
+            "Events accepted that matched no binding, by source",
+            ["source"],
+            registry=r,
+        )
         self.invocations_enqueued = Counter(
             "eventhub_invocations_enqueued",
             "Invocations durably enqueued, by function",

@@ -37,6 +37,15 @@ async def test_fan_out_n_to_m(hub: RunningHub, function: FunctionServer) -> None
     assert call.headers["traceparent"].startswith("00-")
 
 
+async def test_unrouted_events_are_counted(hub: RunningHub, function: FunctionServer) -> None:
+    await hub.function("picky-router", function.url("x"))
+    await hub.bind("only-a", "picky-router", filter=[{"exact": {"type": "a"}}])
+    assert (await hub.post_event("u1", type_="b")).status == 202
+    async with hub.http.get(f"{hub.base_url}/metrics") as response:
+        text = await response.text()
+    assert 'eventhub_events_unrouted_total{source="api"} 1.0' in text
+
+
 async def test_redelivered_event_is_invoked_once(hub: RunningHub, function: FunctionServer) -> None:
     await hub.function("once", function.url("once"))
     await hub.bind("to-once", "once")
@@ -179,3 +188,19 @@ async def test_metrics_count_events_outcomes_and_dead_letters(
     assert 'eventhub_invocations_total{function="m",outcome="dead_lettered"} 1.0' in text
     assert 'eventhub_dead_letters_total{function="m",reason="non-retryable"} 1.0' in text
     assert 'eventhub_invocation_duration_seconds_count{function="m"} 2.0' in text
+    assert 'eventhub_events_unrouted_total{source="api"}' not in text
+
+
+async def test_trace_context_reaches_the_function(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    await hub.function("traced", function.url("traced"))
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with hub.http.post(
+        f"{hub.base_url}/v1/functions/traced/invocations",
+        headers={**hub.auth(), "traceparent": parent, "tracestate": "vendor=x"},
+    ) as response:
+        assert response.status == 202
+    [call] = await function.wait_for(1, "traced")
+    assert call.headers["traceparent"] == parent
+    assert call.headers["tracestate"] == "vendor=x"
