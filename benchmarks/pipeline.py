@@ -28,6 +28,12 @@ not share its event loop. Absolute numbers on a shared, noisy machine mean littl
 reports are the ratios eventhub/minimal and eventhub/direct, taken in the same run against the
 ceilings measured minutes apart on the same machine.
 
+Reading the results: this process does the same work per event in (a), (c) and (d) (one
+client POST, one function request), so (a) is also the ceiling of the harness. Each pipeline is
+one Python process on one event loop, so on a busy machine its throughput is set by its CPU
+time per event; the ratios compare exactly that. "ans" latencies can be ~0 or negative: the
+dispatcher may call the function before the 202 has reached the client.
+
 Everything created (JetStream streams, the PostgreSQL schema, the Redis keys ``<namespace>:*``)
 is removed at the end, and the child processes are stopped, also on Ctrl-C or an error.
 ``--profile DIR`` attaches ``py-spy`` to each pipeline child during its throughput run and
@@ -43,6 +49,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,12 +121,16 @@ class Recorder:
         if not self.pending:
             self.done.set()
 
+    async def wait_done(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.done.wait()
+        return self.done.is_set()
+
     async def wait(self, stall: float = STALL) -> None:
         """Until every awaited event arrived, or none arrived for ``stall`` seconds."""
         last, since = len(self.pending), time.monotonic()
-        while not self.done.is_set() and time.monotonic() - since < stall:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.done.wait(), 0.5)
+        while not await self.wait_done(0.5) and time.monotonic() - since < stall:
             if len(self.pending) != last:
                 last, since = len(self.pending), time.monotonic()
 
@@ -371,9 +382,7 @@ async def warm_up(target: Target, concurrency: int, recorder: Recorder) -> None:
         ids = [f"{target.name}-probe-{probe}"]
         recorder.expect(ids)
         await closed_loop(target, ids, 1, recorder)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(recorder.done.wait(), 0.5)
-        if recorder.done.is_set():
+        if await recorder.wait_done(0.5):
             break
         if time.monotonic() > deadline:
             raise RuntimeError(f"{target.name}: no event reached the function in 60 s")
@@ -598,21 +607,25 @@ class Child:
     def output(self) -> str:
         return Path(self.log.name).read_text(encoding="utf-8", errors="replace")[-3000:]
 
-    def stop(self, wait: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL; the log is deleted after a clean exit."""
+    async def stop(self, wait: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL; the log is deleted after a clean exit. The event loop keeps
+        running meanwhile, so the function still answers the calls of a hub draining."""
         if self.log.closed:
             return
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(wait)
+                await asyncio.to_thread(self.process.wait, wait)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
+                await asyncio.to_thread(self.process.wait)
+        self._close_log()
+
+    def _close_log(self) -> None:
         self.log.close()
         if self.process.returncode == 0:
             Path(self.log.name).unlink(missing_ok=True)
-        elif Path(self.log.name).exists():
+        else:
             print(f"{self.name} exited with {self.process.returncode}, log: {self.log.name}")
 
     async def ready(self, url: str, wait: float = 60.0) -> None:
@@ -712,7 +725,7 @@ async def run_minimal(run: Run) -> list[Row]:
     try:
         return await measure(target, args, run.recorder, run.profiler(child))
     finally:
-        child.stop()
+        await child.stop()
 
 
 def hub_env(run: Run, port: int) -> dict[str, str]:
@@ -757,12 +770,12 @@ async def run_eventhub(run: Run) -> list[Row]:
     try:
         return await measure(target, args, run.recorder, run.profiler(child))
     finally:
-        child.stop()
+        await child.stop()
 
 
 async def clean_up(run: Run) -> None:
     for child in run.children:
-        child.stop()
+        await child.stop()
     ns, args = run.namespace, run.args
     streams = [raw_stream(ns)[0], minimal_stream(ns)[0], f"{ns.upper()}_INVOCATIONS"]
     with _warn("JetStream"):
@@ -796,7 +809,24 @@ def _warn(what: str) -> Iterator[None]:
 # Main
 
 
+def cancel_on_signals() -> None:
+    """SIGINT/SIGTERM cancel the run, whose clean-up then runs; further signals are ignored
+    until it is done. (Set here because a shell may start a background job ignoring SIGINT.)"""
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    assert task is not None
+
+    def on_signal() -> None:
+        if task.cancelling():
+            print("cleaning up, please wait", file=sys.stderr)
+        else:
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+
+
 async def benchmark(args: argparse.Namespace) -> list[Row]:
+    cancel_on_signals()
     port = free_port()
     run = Run(
         args, f"bench{uuid.uuid4().hex[:10]}", uuid.uuid4().hex, f"http://127.0.0.1:{port}/fn"
@@ -858,7 +888,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--serve-minimal", type=int, metavar="PORT", help=argparse.SUPPRESS)
     p.add_argument("--namespace", help=argparse.SUPPRESS)
     p.add_argument("--function-url", help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.profile and shutil.which("py-spy") is None:
+        p.error("--profile needs py-spy on PATH (pip install py-spy)")
+    return args
 
 
 def main() -> None:
@@ -868,7 +901,8 @@ def main() -> None:
             asyncio.run(serve_minimal(args))
             return
         rows = asyncio.run(benchmark(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     report(args, rows)
 

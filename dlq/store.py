@@ -23,7 +23,7 @@ STATUSES = ("dead", "replaying", "resolved")
 _COLUMNS = (
     "id, invocation_id, function, binding, event_source, event_id, event_type, attributes, data,"
     " reason, error_code, error_message, attempts, enqueued_at, failed_at, created_at,"
-    " updated_at, status, replay_count, dead_letter_function, dlf_status, dlf_error"
+    " updated_at, status, replay_count, dead_letter_function, dlf_status, dlf_error, source_name"
 )
 
 
@@ -31,6 +31,7 @@ _COLUMNS = (
 class DeadLetterQuery:
     function: str | None = None
     binding: str | None = None
+    source: str | None = None
     status: str | None = None
     since: datetime | None = None
     until: datetime | None = None
@@ -49,9 +50,9 @@ class DeadLetterStore:
         await self._pool.execute(
             "insert into dead_letters (id, invocation_id, function, binding, event_source,"
             " event_id, event_type, attributes, data, reason, error_code, error_message,"
-            " attempts, enqueued_at, failed_at, dead_letter_function, dlf_status)"
+            " attempts, enqueued_at, failed_at, dead_letter_function, dlf_status, source_name)"
             " values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13::jsonb,"
-            " $14, $15, $16, $17)"
+            " $14, $15, $16, $17, $18)"
             " on conflict (id) do nothing",
             record.id,
             record.invocation_id,
@@ -70,6 +71,7 @@ class DeadLetterStore:
             record.failed_at,
             record.dead_letter_function,
             status,
+            record.source_name,
         )
 
     async def dead_letter_function_done(self, dl_id: str, ok: bool, error: str | None) -> None:
@@ -99,6 +101,7 @@ class DeadLetterStore:
         for column, value in (
             ("function", query.function),
             ("binding", query.binding),
+            ("source_name", query.source),
             ("status", query.status),
         ):
             if value is not None:
@@ -136,6 +139,7 @@ def to_document(row: Any) -> dict[str, Any]:
         "invocationId": row["invocation_id"],
         "function": row["function"],
         "binding": row["binding"],
+        "source": row["source_name"],
         "status": row["status"],
         "reason": row["reason"],
         "errorCode": row["error_code"],

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import aiohttp
 import nats
+import nats.errors
+import nats.js.errors
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
@@ -40,11 +42,12 @@ from eventhub.queue import InvocationQueue
 from eventhub.ratelimit import RateLimiter
 from eventhub.routing import Router
 from eventhub.settings import Settings
+from eventhub.sources import ConnectorFactory, SourceSupervisor
 from eventhub.state import InvocationState
 from eventhub.store import ResourceStore
 
 log = structlog.get_logger(__name__)
-_DEPTH_INTERVAL = 5.0
+_DEPTH_INTERVAL = 2.0
 
 
 class Role(StrEnum):
@@ -101,7 +104,17 @@ async def _drain(nc: NATS) -> None:
 
 
 class Hub:
-    def __init__(self, settings: Settings, roles: set[Role], services: Services) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        roles: set[Role],
+        services: Services,
+        connectors: Mapping[str, ConnectorFactory] | None = None,
+    ) -> None:
+        if connectors is None:
+            from connectors import registry
+
+            connectors = registry()
         self.settings = settings
         self.roles = roles
         self.services = services
@@ -124,6 +137,17 @@ class Hub:
             settings=settings,
             metrics=self.metrics,
         )
+        self.supervisor = SourceSupervisor(
+            router=self.router,
+            ingress=self.ingress,
+            queue=self.queue,
+            store=self.store,
+            sink=self.dead_letters,
+            redis=services.redis,
+            namespace=settings.namespace,
+            connectors=connectors,
+            metrics=self.metrics,
+        )
         self._site: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port: int | None = None
@@ -136,12 +160,17 @@ class Hub:
         if Role.DISPATCH in self.roles:
             await self.dispatcher.start()
             self._own(self._watch_depths())
+        if Role.INGEST in self.roles:
+            await self.supervisor.start()
+            self._own(self.supervisor.watch())
         await self._start_http()
         log.info("hub_started", roles=sorted(r.value for r in self.roles), port=self.port)
 
     async def stop(self) -> None:
         if self._site is not None:
             await self._site.cleanup()  # stop intake, finish the requests in progress
+        if Role.INGEST in self.roles:
+            await self.supervisor.stop()  # stop taking from sources first
         if Role.DISPATCH in self.roles:
             await self.dispatcher.stop(self.settings.shutdown_timeout)
         await self.callbacks.close(grace=5.0)
@@ -161,6 +190,7 @@ class Hub:
             ingress=self.ingress,
             state=self.state,
             dead_letters=self.dead_letters,
+            redis=self.services.redis,
             checks={
                 "postgres": self._check_postgres,
                 "nats": self._check_nats,
@@ -187,9 +217,13 @@ class Hub:
         task.add_done_callback(self._tasks.discard)
 
     async def _watch_depths(self) -> None:
+        """Queue depth metrics, and the release of what resumed bindings held."""
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.dispatcher.refresh_depths()
+                await self.dispatcher.release_resumed()
+            except (DependencyDown, nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("housekeeping_failed", error=str(exc) or repr(exc))
             await asyncio.sleep(_DEPTH_INTERVAL)
 
     async def _check_postgres(self) -> None:

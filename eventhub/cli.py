@@ -180,6 +180,66 @@ def get(kind: str, name: str | None, output: str) -> None:
         _table(k, docs)
 
 
+def _pausable() -> click.Choice[str]:
+    return click.Choice(["source", "binding"])
+
+
+@main.command()
+@click.argument("kind", type=_pausable())
+@click.argument("name")
+@handled
+def pause(kind: str, name: str) -> None:
+    """Pause a source (stop taking from it) or a binding (hold its invocations)."""
+    _set_paused(kind, name, paused=True)
+
+
+@main.command()
+@click.argument("kind", type=_pausable())
+@click.argument("name")
+@handled
+def resume(kind: str, name: str) -> None:
+    """Resume a paused source or binding; a binding's held invocations are sent on."""
+    _set_paused(kind, name, paused=False)
+
+
+def _set_paused(kind: str, name: str, *, paused: bool) -> None:
+    settings = _settings()
+    k = Kind.SOURCE if kind == "source" else Kind.BINDING
+    asyncio.run(_with_store(settings, lambda store: store.set_paused(k, name, paused)))
+    click.echo(f"{k.value}/{name} {'paused' if paused else 'resumed'}")
+
+
+@main.command()
+@click.argument("name")
+@handled
+def status(name: str) -> None:
+    """Show what each ingest process reports about a source."""
+    import redis.asyncio as aioredis
+
+    from eventhub.sources import read_status
+
+    settings = _settings()
+
+    async def go() -> tuple[Any, list[dict[str, Any]]]:
+        resource = await _with_store(settings, lambda store: store.get(Kind.SOURCE, name))
+        client = aioredis.from_url(settings.redis_url.get_secret_value())
+        try:
+            return resource, await read_status(client, settings.namespace, name)
+        finally:
+            await client.aclose()
+
+    resource, processes = asyncio.run(go())
+    click.echo(f"Source/{name} type={resource.model.type} paused={str(resource.paused).lower()}")
+    if not processes:
+        click.echo("  no ingest process has reported it in the last 15 s")
+    for p in processes:
+        click.echo(
+            f"  {p['process']}: {p['state']} events={p['eventsIn']} restarts={p['restarts']}"
+            f" throttled={str(p['throttled']).lower()} lag={p['lag']}"
+            f" last-error={p['lastError'] or '-'}"
+        )
+
+
 def _table(kind: Kind, docs: list[dict[str, Any]]) -> None:
     if kind is Kind.FUNCTION:
         rows = [("NAME", "URL", "CONCURRENCY", "RATE", "DEAD-LETTER")] + [

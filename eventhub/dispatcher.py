@@ -109,6 +109,20 @@ class Dispatcher:
         if workers:
             await asyncio.gather(*(w.stop(grace) for w in workers))
 
+    async def release_resumed(self) -> None:
+        """Send on what resumed bindings held while they were paused."""
+        routes = self._router.routes
+        resumed = {
+            route.binding
+            for routes_of_source in routes.by_source.values()
+            for route in routes_of_source
+            if not route.paused
+        }
+        for binding, count in (await self._deps.queue.held_bindings()).items():
+            if binding in resumed and count:
+                moved = await self._deps.queue.release_held(binding)
+                log.info("binding_released", binding=binding, invocations=moved)
+
     async def refresh_depths(self) -> None:
         for name in list(self._workers):
             depth = await self._deps.queue.depth(name)
@@ -381,7 +395,7 @@ def _to_dead_letter_function(
         "eventhuberrordata": base64.b64encode(str(last.get("response") or "").encode()).decode(),
         "eventhubattempts": str(len(record.attempts)),
         "eventhubdeadletter": record.id,
-        "eventhubfunction": record.function,
+        "eventhubfunction": record.function or "",
         "eventhubreason": record.reason,
     }
     event: Event = record.event.with_extensions(**extensions)

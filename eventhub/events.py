@@ -111,7 +111,7 @@ def parse_http(headers: Mapping[str, str], body: bytes) -> list[Event]:
     if media == BATCH:
         return _parse_batch(body)
     if media == STRUCTURED:
-        return [_read_structured(body, "")]
+        return [parse_structured(body)]
     if not any(name.lower() == "ce-specversion" for name in headers):
         raise UnsupportedMediaType(
             "not a CloudEvent: send the binary content mode (ce-specversion, ce-id, ce-source, "
@@ -137,7 +137,7 @@ def _parse_batch(body: bytes) -> list[Event]:
         raise InvalidInput(f"the batch is not valid JSON: {exc}") from None
     if not isinstance(items, list):
         raise InvalidInput("a batch must be a JSON array of CloudEvents")
-    return [_read_structured(orjson.dumps(item), f"[{i}].") for i, item in enumerate(items)]
+    return [parse_structured(orjson.dumps(item), f"[{i}].") for i, item in enumerate(items)]
 
 
 def _require(present: set[str], prefix: str) -> None:
@@ -149,7 +149,24 @@ def _require(present: set[str], prefix: str) -> None:
         raise InvalidInput(f"invalid CloudEvent: {detail}", problems=problems)
 
 
-def _read_structured(body: bytes, prefix: str) -> Event:
+def from_attributes(attributes: Mapping[str, str], data: bytes, prefix: str = "") -> Event:
+    """An event from attributes carried as transport headers or properties (binary mode of the
+    Kafka, AMQP, MQTT bindings): validated like HTTP's, problems named ``<prefix><attribute>``."""
+    _require(set(attributes), prefix)
+    values: dict[str, Any] = dict(attributes)
+    try:
+        if "time" in values:
+            values["time"] = datetime.fromisoformat(values["time"].replace("Z", "+00:00"))
+        CloudEvent(dict(values))
+    except CloudEventValidationError as exc:
+        raise _validation_problem(exc, prefix) from None
+    except (BaseCloudEventException, ValueError, TypeError) as exc:
+        raise InvalidInput(f"invalid CloudEvent attributes: {exc}") from None
+    return Event(dict(attributes), data)
+
+
+def parse_structured(body: bytes, prefix: str = "") -> Event:
+    """One event in the JSON event format (structured content mode); raises InvalidInput."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -57,6 +57,7 @@ class Ingress:
                 binding=route.binding,
                 traceparent=trace.traceparent or new_traceparent(),
                 tracestate=trace.tracestate,
+                held=route.paused,
             )
             for event in events
             for route in routes.match(source, event)

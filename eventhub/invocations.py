@@ -59,6 +59,7 @@ class Invocation:
     dead_letter_id: str | None = None
     traceparent: str = field(default_factory=new_traceparent)
     tracestate: str | None = None
+    held: bool = False  # its binding is paused: kept aside until the binding resumes
 
     def headers(self) -> dict[str, str]:
         headers = self.event.binary_headers()

@@ -52,6 +52,33 @@ class Metrics:
             ["function"],
             registry=r,
         )
+        self.source_events = Counter(
+            "eventhub_source_events", "Events taken from a source", ["source"], registry=r
+        )
+        self.source_errors = Counter(
+            "eventhub_source_errors",
+            "Source errors, by kind (connection, rejected)",
+            ["source", "kind"],
+            registry=r,
+        )
+        self.source_lag = Gauge(
+            "eventhub_source_lag",
+            "Messages in the transport not yet taken (where the transport tells)",
+            ["source"],
+            registry=r,
+        )
+        self.source_last_event = Gauge(
+            "eventhub_source_last_event_timestamp_seconds",
+            "When the source last delivered an event (time since = now - this)",
+            ["source"],
+            registry=r,
+        )
+        self.source_throttled = Gauge(
+            "eventhub_source_throttled",
+            "1 while the source waits for room (high-water mark or full buffer)",
+            ["source"],
+            registry=r,
+        )
         self.http_rejected = Counter(
             "eventhub_http_rejected",
             "Requests refused, by HTTP status",

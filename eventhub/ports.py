@@ -22,9 +22,11 @@ def dead_letter_id(invocation_id: str) -> str:
 
 @dataclass(frozen=True)
 class DeadLetterRecord:
+    """``function`` is None for a message its source could not turn into an event."""
+
     id: str
     invocation_id: str
-    function: str
+    function: str | None
     binding: str | None
     event: Event
     reason: str
@@ -34,6 +36,7 @@ class DeadLetterRecord:
     enqueued_at: datetime
     failed_at: datetime
     dead_letter_function: str | None
+    source_name: str | None = None
 
 
 class DeadLetterSink(Protocol):
@@ -42,3 +45,13 @@ class DeadLetterSink(Protocol):
 
     async def dead_letter_function_done(self, dl_id: str, ok: bool, error: str | None) -> None:
         """Record the outcome of the delivery to the dead-letter function."""
+
+
+class Connector(Protocol):
+    """A source's connection to its transport. ``run`` consumes until cancelled, handing each
+    message to ``ctx.deliver`` and acknowledging it to the transport only after ``deliver``
+    returned (the events are then durably in JetStream). It raises when the connection fails:
+    the supervisor restarts it with capped backoff, and whatever was not acknowledged is
+    redelivered by the transport."""
+
+    async def run(self, ctx: Any) -> None: ...

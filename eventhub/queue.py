@@ -28,7 +28,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 
 from eventhub.errors import DependencyDown, QueueFull
-from eventhub.invocations import Invocation
+from eventhub.invocations import H_FUNCTION, H_MSG_ID, Invocation
 from eventhub.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -53,7 +53,7 @@ class InvocationQueue:
         s = self._settings
         config = api.StreamConfig(
             name=self.stream,
-            subjects=[f"{s.namespace}.invoke.>"],
+            subjects=[f"{s.namespace}.invoke.>", f"{s.namespace}.held.>"],
             retention=api.RetentionPolicy.WORK_QUEUE,
             discard=api.DiscardPolicy.NEW,
             max_bytes=s.stream_max_bytes,
@@ -102,12 +102,16 @@ class InvocationQueue:
 
     async def publish(self, invocation: Invocation) -> bool:
         """Store one invocation durably; False when JetStream saw it already (duplicate)."""
+        subject = (
+            self._settings.held_subject_for(invocation.binding or "")
+            if invocation.held
+            else self._settings.subject_for(invocation.function)
+        )
+        return await self._publish(subject, invocation.event.data, invocation.headers())
+
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> bool:
         try:
-            ack = await self._js.publish(
-                self._settings.subject_for(invocation.function),
-                invocation.event.data,
-                headers=invocation.headers(),
-            )
+            ack = await self._js.publish(subject, data, headers=headers)
         except nats.js.errors.APIError as exc:
             if exc.err_code in _FULL_CODES or (exc.description or "").startswith("maximum"):
                 raise QueueFull(
@@ -130,6 +134,53 @@ class InvocationQueue:
             if isinstance(result, BaseException):
                 raise result
         return sum(1 for r in results if r is True)
+
+    async def held_bindings(self) -> dict[str, int]:
+        """Bindings with invocations held while paused, and how many."""
+        prefix = self._settings.held_subject_for("")
+        try:
+            info = await self._js.stream_info(self.stream, subjects_filter=prefix + ">")
+        except nats.js.errors.NotFoundError:
+            return {}
+        subjects = info.state.subjects or {}
+        return {subject[len(prefix) :]: count for subject, count in subjects.items()}
+
+    async def release_held(self, binding: str, batch: int = 100) -> int:
+        """Move a resumed binding's held invocations to their functions; returns how many.
+
+        Each is republished under a new message id (``<id>/released``: the original id is still
+        in the duplicate window) and acked only after the PubAck, so a crash here releases it
+        again, deduplicated."""
+        durable = f"held-{binding}"
+        await self._js.add_consumer(
+            self.stream,
+            api.ConsumerConfig(
+                name=durable,
+                durable_name=durable,
+                filter_subject=self._settings.held_subject_for(binding),
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=self._settings.ack_wait,
+                max_ack_pending=batch * 2,
+            ),
+        )
+        sub = await self._js.pull_subscribe_bind(durable=durable, stream=self.stream)
+        moved = 0
+        try:
+            while True:
+                try:
+                    messages = await sub.fetch(batch, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    return moved
+                for msg in messages:
+                    headers = dict(msg.headers or {})
+                    headers[H_MSG_ID] = headers.get(H_MSG_ID, "") + "/released"
+                    await self._publish(
+                        self._settings.subject_for(headers[H_FUNCTION]), msg.data, headers
+                    )
+                    await msg.ack()
+                    moved += 1
+        finally:
+            await sub.unsubscribe()
 
     async def depth(self, function: str) -> int | None:
         """Messages waiting or in flight for ``function``; None if it has no consumer yet."""

@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
 )
@@ -32,6 +33,7 @@ from pydantic.alias_generators import to_camel
 
 from eventhub.errors import FieldProblem, ResourceInvalid
 from eventhub.filters import FilterError, compile_filters
+from eventhub.sourcespecs import SourceTypeSpec
 from eventhub.units import Rate, parse_duration, parse_rate
 
 API_VERSION = "eventhub/v1"
@@ -104,21 +106,6 @@ class FunctionSpec(_Spec):
         return value
 
 
-class SourceType(StrEnum):
-    KAFKA = "kafka"
-    RABBITMQ = "rabbitmq"
-    MQTT = "mqtt"
-    MINIO = "minio"
-    CRON = "cron"
-
-
-class SourceSpec(BaseModel):
-    """The connector's own options are validated by its connector."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    type: SourceType
-
-
 class BindingSpec(_Spec):
     source: str = Field(pattern=NAME_PATTERN)
     function: str = Field(pattern=NAME_PATTERN)
@@ -126,12 +113,12 @@ class BindingSpec(_Spec):
     filter: list[Any] = Field(default_factory=list)
 
 
-SpecModel = FunctionSpec | SourceSpec | BindingSpec
-SPEC_MODELS: dict[Kind, type[BaseModel]] = {
-    Kind.FUNCTION: FunctionSpec,
-    Kind.SOURCE: SourceSpec,
-    Kind.BINDING: BindingSpec,
+SPEC_ADAPTERS: dict[Kind, TypeAdapter[Any]] = {
+    Kind.FUNCTION: TypeAdapter(FunctionSpec),
+    Kind.SOURCE: TypeAdapter(SourceTypeSpec),
+    Kind.BINDING: TypeAdapter(BindingSpec),
 }
+_SOURCE_TYPES = ("kafka", "rabbitmq", "mqtt", "minio", "cron")
 
 
 @dataclass(frozen=True)
@@ -143,17 +130,21 @@ class Resource:
     spec: Mapping[str, Any]
     model: Any
     labels: Mapping[str, str]
+    paused: bool = False  # an operator's switch, not part of the declared spec
 
     def document(self) -> dict[str, Any]:
         metadata: dict[str, Any] = {"name": self.name}
         if self.labels:
             metadata["labels"] = dict(self.labels)
-        return {
+        doc: dict[str, Any] = {
             "apiVersion": API_VERSION,
             "kind": self.kind.value,
             "metadata": metadata,
             "spec": dict(self.spec),
         }
+        if self.kind is not Kind.FUNCTION:
+            doc["status"] = {"paused": self.paused}
+        return doc
 
 
 def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -> Resource:
@@ -161,7 +152,8 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
     if not isinstance(doc, Mapping):
         raise _invalid(origin, "resource", "?", "", "must be a mapping with apiVersion and kind")
     raw_kind = doc.get("kind")
-    unknown = sorted(str(k) for k in doc if k not in ("apiVersion", "kind", "metadata", "spec"))
+    known = ("apiVersion", "kind", "metadata", "spec", "status")  # status: read-only, ignored
+    unknown = sorted(str(k) for k in doc if k not in known)
     metadata = doc.get("metadata")
     name = metadata.get("name") if isinstance(metadata, Mapping) else None
     shown = name if isinstance(name, str) else "?"
@@ -197,10 +189,11 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
     if not isinstance(spec, Mapping):
         raise _invalid(origin, label, name, "spec", "is required and must be a mapping")
     try:
-        model = SPEC_MODELS[parsed_kind].model_validate(spec)
+        model = SPEC_ADAPTERS[parsed_kind].validate_python(spec)
     except ValidationError as exc:
         problems = tuple(
-            FieldProblem(_field_path(err["loc"]), _message(err)) for err in exc.errors()
+            FieldProblem(_field_path(_without_tag(parsed_kind, err)), _message(err))
+            for err in exc.errors()
         )
         raise ResourceInvalid(origin=origin, kind=label, name=name, problems=problems) from None
     if isinstance(model, BindingSpec):
@@ -251,6 +244,17 @@ def _valid_name(name: str) -> bool:
     return re.match(NAME_PATTERN, name) is not None
 
 
+def _without_tag(kind: Kind, err: Mapping[str, Any]) -> tuple[int | str, ...]:
+    """A Source's errors are located under its type's tag (``kafka.topics``): drop it."""
+    loc: tuple[int | str, ...] = tuple(err["loc"])
+    if kind is Kind.SOURCE:
+        if str(err.get("type", "")).startswith("union_tag"):
+            return ("type",)
+        if loc and loc[0] in _SOURCE_TYPES:
+            return loc[1:]
+    return loc
+
+
 def _field_path(loc: tuple[int | str, ...]) -> str:
     parts = ["spec"]
     for item in loc:
@@ -262,6 +266,8 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def _message(err: Mapping[str, Any]) -> str:
+    if str(err.get("type", "")).startswith("union_tag"):
+        return f"must be one of {', '.join(_SOURCE_TYPES)}"
     msg = str(err.get("msg", "is invalid"))
     return msg.removeprefix("Value error, ")
 

@@ -27,6 +27,7 @@ class Route:
     binding: str
     function: str
     matches: Predicate
+    paused: bool = False  # a paused binding's invocations are held, not dispatched
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,12 @@ class Routes:
         for r in sorted(resources, key=lambda r: r.name):
             if r.kind is Kind.BINDING:
                 spec: BindingSpec = r.model
-                route = Route(r.name, spec.function, compile_filters(spec.filter))
+                route = Route(r.name, spec.function, compile_filters(spec.filter), r.paused)
                 by_source.setdefault(spec.source, []).append(route)
         return cls(functions, sources, {k: tuple(v) for k, v in by_source.items()})
+
+    def bindings_of(self, source: str) -> tuple[Route, ...]:
+        return self.by_source.get(source, ())
 
     def match(self, source: str, event: Event) -> list[Route]:
         attributes = event.attributes

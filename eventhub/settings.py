@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     def subject_for(self, function: str) -> str:
         return f"{self.namespace}.invoke.{function}"
 
+    def held_subject_for(self, binding: str) -> str:
+        return f"{self.namespace}.held.{binding}"
+
     def consumer_for(self, function: str) -> str:
         return f"fn-{function}"
 

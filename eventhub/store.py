@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -37,18 +37,18 @@ class ResourceStore:
 
     async def of_kind(self, kind: Kind) -> list[Resource]:
         rows = await self._pool.fetch(
-            "select kind, name, spec, labels from resources where kind = $1 order by name",
+            "select kind, name, spec, labels, paused from resources where kind = $1 order by name",
             kind.value,
         )
         return [_from_row(r) for r in rows]
 
     async def all(self) -> list[Resource]:
-        rows = await self._pool.fetch("select kind, name, spec, labels from resources")
+        rows = await self._pool.fetch("select kind, name, spec, labels, paused from resources")
         return [_from_row(r) for r in rows]
 
     async def get(self, kind: Kind, name: str) -> Resource:
         row = await self._pool.fetchrow(
-            "select kind, name, spec, labels from resources where kind = $1 and name = $2",
+            "select kind, name, spec, labels, paused from resources where kind = $1 and name = $2",
             kind.value,
             name,
         )
@@ -63,6 +63,32 @@ class ResourceStore:
             created = await _upsert(conn, resource, None)
             await _notify(conn, self.channel, resource)
         return created is True
+
+    async def set_paused(self, kind: Kind, name: str, paused: bool) -> Resource:
+        async with self._pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "update resources set paused = $3, updated_at = now()"
+                " where kind = $1 and name = $2",
+                kind.value,
+                name,
+                paused,
+            )
+            if status.endswith(" 0"):
+                raise NotFound(f"{kind.value} '{name}' does not exist")
+            await conn.execute("select pg_notify($1, $2)", self.channel, f"{kind.value}/{name}")
+        return await self.get(kind, name)
+
+    async def load_state(self, source: str) -> dict[str, Any] | None:
+        raw = await self._pool.fetchval("select state from source_state where source = $1", source)
+        return None if raw is None else dict(orjson.loads(raw))
+
+    async def save_state(self, source: str, state: dict[str, Any]) -> None:
+        await self._pool.execute(
+            "insert into source_state (source, state) values ($1, $2::jsonb)"
+            " on conflict (source) do update set state = excluded.state, updated_at = now()",
+            source,
+            orjson.dumps(state).decode(),
+        )
 
     async def delete(self, kind: Kind, name: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -152,7 +178,8 @@ def _from_row(row: Any) -> Resource:
         "metadata": {"name": row["name"], "labels": orjson.loads(row["labels"])},
         "spec": orjson.loads(row["spec"]),
     }
-    return parse_resource(doc, "database")
+    resource = parse_resource(doc, "database")
+    return replace(resource, paused=bool(row["paused"]))
 
 
 async def _upsert(conn: Any, resource: Resource, apply_set: str | None) -> bool | None:

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from dlq.store import DeadLetterStore
@@ -28,6 +29,7 @@ class ApiContext:
     ingress: Ingress
     state: InvocationState
     dead_letters: DeadLetterStore
+    redis: aioredis.Redis
     checks: dict[str, Check] = field(default_factory=dict)
 
 

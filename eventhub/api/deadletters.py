@@ -60,6 +60,7 @@ def query_of(request: web.Request) -> DeadLetterQuery:
     return DeadLetterQuery(
         function=q.get("function"),
         binding=q.get("binding"),
+        source=q.get("source"),
         status=status,
         since=_time(request, "since"),
         until=_time(request, "until"),

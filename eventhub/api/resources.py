@@ -14,6 +14,7 @@ from eventhub.api.context import CONTEXT, requires
 from eventhub.errors import FieldProblem, InvalidInput
 from eventhub.resources import Kind, parse_resource
 from eventhub.settings import Scope
+from eventhub.sources import read_status
 
 
 def _json(body: object, status: int = 200) -> web.Response:
@@ -65,6 +66,47 @@ async def delete_resource(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@requires(Scope.ADMIN)
+async def pause_resource(request: web.Request) -> web.Response:
+    return await _set_paused(request, paused=True)
+
+
+@requires(Scope.ADMIN)
+async def resume_resource(request: web.Request) -> web.Response:
+    return await _set_paused(request, paused=False)
+
+
+async def _set_paused(request: web.Request, *, paused: bool) -> web.Response:
+    ctx = request.app[CONTEXT]
+    resource = await ctx.store.set_paused(_kind(request), request.match_info["name"], paused)
+    await ctx.router.reload()
+    return _json(resource.document())
+
+
+@requires(Scope.ADMIN)
+async def source_status(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    resource = await ctx.store.get(Kind.SOURCE, request.match_info["name"])
+    processes = await read_status(ctx.redis, ctx.settings.namespace, resource.name)
+    if resource.paused:
+        state = "paused"
+    elif not processes:
+        state = "unknown"  # no ingest process has reported it (yet)
+    elif any(p["state"] == "running" for p in processes):
+        state = "running"
+    else:
+        state = processes[0]["state"]
+    return _json(
+        {
+            "name": resource.name,
+            "type": resource.model.type,
+            "paused": resource.paused,
+            "state": state,
+            "processes": processes,
+        }
+    )
+
+
 def _read_document(body: bytes, content_type: str) -> dict[str, Any]:
     try:
         doc = orjson.loads(body) if "json" in content_type else yaml.safe_load(body)
@@ -81,3 +123,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"/v1/{kinds}/{{name}}", get_resource)
     app.router.add_put(f"/v1/{kinds}/{{name}}", put_resource)
     app.router.add_delete(f"/v1/{kinds}/{{name}}", delete_resource)
+    pausable = "{kind:sources|bindings}"
+    app.router.add_post(f"/v1/{pausable}/{{name}}/pause", pause_resource)
+    app.router.add_post(f"/v1/{pausable}/{{name}}/resume", resume_resource)
+    app.router.add_get("/v1/sources/{name}/status", source_status)

@@ -16,8 +16,6 @@ from eventhub.resources import (
     Kind,
     Resource,
     RetrySpec,
-    SourceSpec,
-    SourceType,
     load_path,
     parse_resource,
 )
@@ -135,14 +133,39 @@ def test_snake_case_field_names_are_accepted_too() -> None:
     assert model.retry.max_attempts == 2
 
 
-@pytest.mark.parametrize("source_type", list(SourceType))
-def test_source_accepts_every_type_and_connector_options(source_type: SourceType) -> None:
-    doc = document("Source", {"type": source_type.value, "topic": "orders", "group": "g"})
-    resource = parse_resource(doc, ORIGIN)
+SOURCES = {
+    "kafka": {"bootstrapServers": ["127.0.0.1:9092"], "topics": ["orders"]},
+    "rabbitmq": {"queue": "orders"},
+    "mqtt": {"topics": ["sensors/#"]},
+    "minio": {"mode": "webhook"},
+    "cron": {"schedule": "*/5 * * * *"},
+}
+
+
+@pytest.mark.parametrize("source_type", sorted(SOURCES))
+def test_source_accepts_every_type(source_type: str) -> None:
+    spec = {"type": source_type, **SOURCES[source_type]}
+    resource = parse_resource(document("Source", spec), ORIGIN)
     assert resource.kind is Kind.SOURCE
-    assert isinstance(resource.model, SourceSpec)
-    assert resource.model.type is source_type
-    assert resource.spec == {"type": source_type.value, "topic": "orders", "group": "g"}
+    assert resource.model.type == source_type
+    assert resource.spec == spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"type": "nope"}, "spec.type"),
+        ({"type": "kafka", "bootstrapServers": ["b"], "topics": ["t"], "colour": 1}, "spec.colour"),
+        ({"type": "cron", "schedule": "61 * * * *"}, "spec.schedule"),
+        ({"type": "cron", "schedule": "@every 30s", "timezone": "Mars/Base"}, "spec.timezone"),
+        ({"type": "mqtt", "topics": ["a/#/b"]}, "spec.topics"),
+        ({"type": "rabbitmq"}, "spec.queue"),
+    ],
+)
+def test_source_options_are_validated_when_declared(spec: dict[str, object], field: str) -> None:
+    with pytest.raises(ResourceInvalid) as info:
+        parse_resource(document("Source", spec), ORIGIN)
+    assert info.value.problems[0].field == field
 
 
 def test_binding_defaults_to_no_filter() -> None:
@@ -427,7 +450,7 @@ MULTI_YAML = """\
 apiVersion: eventhub/v1
 kind: Source
 metadata: {name: orders}
-spec: {type: kafka, topic: orders}
+spec: {type: kafka, bootstrapServers: ["127.0.0.1:9092"], topics: [orders]}
 ---
 apiVersion: eventhub/v1
 kind: Binding

@@ -1,0 +1,168 @@
+"""How every connector turns a transport message into CloudEvents (the README's table).
+
+A connector describes what it received as a :class:`Message`; :func:`to_events` applies the
+source's ``format``:
+
+- ``auto``: a message that already is a CloudEvent passes through unchanged: binary mode (the
+  attributes the transport's protocol binding carries: Kafka ``ce_`` headers, AMQP
+  ``cloudEvents:`` / ``cloudEvents_`` application properties, MQTT 5 user properties) or
+  structured mode (``application/cloudevents+json`` content type). Anything else is wrapped.
+- ``raw``: always wrapped.
+- ``s3``: the payload is an S3 / MinIO bucket notification; one event per record
+  (:func:`s3_events`).
+
+A wrapped message becomes an event with the connector's deterministic ``id``, its ``source``,
+``type`` = the source's ``eventType`` or the connector's default, the transport's ``subject`` and
+``time`` when it has them, ``datacontenttype`` = the message's content type, the payload as data
+byte for byte, and transport metadata as extensions. A message that cannot become an event raises
+:class:`Rejected` with a reason; the connector hands it to ``ctx.reject`` and moves on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus
+
+import orjson
+
+from eventhub.errors import InvalidInput
+from eventhub.events import STRUCTURED, Event, from_attributes, parse_structured
+
+
+class Rejected(Exception):
+    """A message that cannot become an event; ``reason`` starts with a short code."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Message:
+    payload: bytes
+    id: str  # deterministic from the transport's identity (topic/partition/offset, ...)
+    source: str  # the CloudEvents source of wrapped events, e.g. kafka://orders
+    content_type: str | None = None
+    ce_attributes: Mapping[str, str] | None = None  # binary-mode attributes, prefix removed
+    subject: str | None = None
+    time: str | None = None
+    extensions: Mapping[str, str] = field(default_factory=dict)
+
+
+def to_events(message: Message, spec: Any, default_type: str) -> list[Event]:
+    if len(message.payload) > spec.max_message_size:
+        raise Rejected(
+            f"too-large: {len(message.payload)} bytes, above maxMessageSize {spec.max_message_size}"
+        )
+    _check_charset(message)
+    if spec.format == "s3":
+        return s3_events(message.payload)
+    if spec.format == "auto":
+        passed = _passthrough(message)
+        if passed is not None:
+            return [passed]
+    return [wrap(message, spec.event_type or default_type)]
+
+
+def wrap(message: Message, event_type: str) -> Event:
+    attributes = {
+        "specversion": "1.0",
+        "id": message.id,
+        "source": message.source,
+        "type": event_type,
+    }
+    if message.subject:
+        attributes["subject"] = message.subject
+    if message.time:
+        attributes["time"] = message.time
+    if message.content_type:
+        attributes["datacontenttype"] = message.content_type
+    for name, value in message.extensions.items():
+        attributes.setdefault(name, value)
+    return Event(attributes, message.payload)
+
+
+def _passthrough(message: Message) -> Event | None:
+    try:
+        if message.ce_attributes and "specversion" in message.ce_attributes:
+            attributes = dict(message.ce_attributes)
+            if message.content_type and "datacontenttype" not in attributes:
+                attributes["datacontenttype"] = message.content_type
+            return from_attributes(attributes, message.payload, "ce_")
+        media = (message.content_type or "").split(";", 1)[0].strip().lower()
+        if media == STRUCTURED:
+            return parse_structured(message.payload)
+    except InvalidInput as exc:
+        raise Rejected(f"invalid-cloudevent: {exc.detail}") from None
+    return None
+
+
+def _check_charset(message: Message) -> None:
+    ctype = (message.content_type or "").lower()
+    if "charset=" not in ctype:
+        return
+    charset = ctype.split("charset=", 1)[1].split(";", 1)[0].strip().strip('"')
+    try:
+        message.payload.decode(charset)
+    except LookupError:
+        raise Rejected(f"bad-charset: unknown charset '{charset}'") from None
+    except UnicodeDecodeError as exc:
+        raise Rejected(f"bad-charset: the payload is not valid {charset}: {exc.reason}") from None
+
+
+def s3_events(payload: bytes) -> list[Event]:
+    """One CloudEvent per record of an S3 / MinIO bucket notification.
+
+    ``id`` = bucket/key/sequencer (the record's own identity), ``source`` = ``s3://<bucket>``,
+    ``type`` = ``io.minio.`` + the event name with ``:`` as ``.``
+    (``io.minio.s3.ObjectCreated.Put``), ``subject`` = the object key, URL-decoded,
+    ``time`` = ``eventTime``, data = the record (JSON), extension ``bucket``.
+    """
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise Rejected(f"invalid-json: {exc}") from None
+    records = doc.get("Records") if isinstance(doc, dict) else None
+    if not isinstance(records, list) or not records:
+        raise Rejected("not-s3: the payload has no Records")
+    return [_s3_event(record, i) for i, record in enumerate(records)]
+
+
+def _s3_event(record: Any, index: int) -> Event:
+    try:
+        s3 = record["s3"]
+        bucket = str(s3["bucket"]["name"])
+        key = unquote_plus(str(s3["object"]["key"]))
+        name = str(record["eventName"])
+    except (KeyError, TypeError):
+        raise Rejected(
+            f"not-s3: record {index} lacks s3.bucket.name, s3.object.key or eventName"
+        ) from None
+    sequencer = str(s3["object"].get("sequencer") or "")
+    if not sequencer:
+        digest = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        sequencer = digest[:16]
+    attributes = {
+        "specversion": "1.0",
+        "id": f"{bucket}/{key}/{sequencer}",
+        "source": f"s3://{bucket}",
+        "type": "io.minio." + name.replace(":", "."),
+        "subject": key,
+        "datacontenttype": "application/json",
+        "bucket": bucket,
+    }
+    if record.get("eventTime"):
+        attributes["time"] = str(record["eventTime"])
+    return Event(attributes, orjson.dumps(record))
+
+
+def content_hash(*parts: bytes | str) -> str:
+    """A short stable digest, for ids of messages that carry none."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\x00")
+    return digest.hexdigest()[:32]

@@ -1,0 +1,304 @@
+"""Sources: one supervised connector per Source resource, in the ``ingest`` role.
+
+The :class:`SourceSupervisor` keeps a :class:`SourceRunner` per Source, in step with the routing
+table: a new Source starts, a changed one restarts, a paused or deleted one stops (its transport
+keeps what arrives meanwhile: Kafka offsets are not committed, AMQP and MQTT messages stay
+queued, MinIO's webhook gets 503 and retries). A connector that fails is restarted with capped
+exponential backoff; its state and last error are published to Redis for
+``GET /v1/sources/{name}/status``, whichever process asks.
+
+A connector talks to the hub only through its :class:`SourceContext`:
+
+- ``deliver(events)`` returns once every invocation is durably in JetStream. While a function
+  bound to the source is above the source's ``highWaterMark``, or JetStream is full, it waits
+  (``room`` is clear) instead of failing: the connector stops taking, nothing is dropped.
+- ``reject(...)`` stores a message that cannot become an event as a dead letter of the source,
+  durably, so the connector can acknowledge it and move on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+
+from eventhub.errors import QueueFull
+from eventhub.events import Event, now_rfc3339
+from eventhub.ingress import Ingress
+from eventhub.metrics import Metrics
+from eventhub.ports import Connector, DeadLetterRecord, DeadLetterSink, dead_letter_id
+from eventhub.queue import InvocationQueue
+from eventhub.resources import Resource
+from eventhub.routing import Router, Routes
+from eventhub.store import ResourceStore
+
+log = structlog.get_logger(__name__)
+
+ConnectorFactory = Callable[[Resource], Connector]
+_STATUS_EVERY = 5.0
+_STATUS_TTL = 15
+_ROOM_EVERY = 1.0
+_BACKOFF_MAX = 30.0
+PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class SourceContext:
+    """A connector's door into the hub (see the module docstring)."""
+
+    def __init__(self, resource: Resource, supervisor: SourceSupervisor) -> None:
+        self.name = resource.name
+        self.resource = resource
+        self.spec: Any = resource.model
+        self.room = asyncio.Event()
+        self.room.set()
+        self.supervisor = supervisor
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.last_error_at: str | None = None
+        self.last_event_at: float | None = None
+        self.events_in = 0
+        self.restarts = 0
+        self.lag: int | None = None
+
+    async def deliver(self, events: Sequence[Event]) -> None:
+        while True:
+            await self.room.wait()
+            try:
+                await self.supervisor.ingress.submit(self.name, events)
+            except QueueFull:
+                self.room.clear()  # the room check sets it again once JetStream has space
+                continue
+            self.events_in += len(events)
+            self.last_event_at = time.time()
+            self.supervisor.metrics.source_events.labels(self.name).inc(len(events))
+            self.supervisor.metrics.source_last_event.labels(self.name).set(self.last_event_at)
+            return
+
+    async def reject(
+        self, message_id: str, reason: str, payload: bytes, metadata: Mapping[str, str]
+    ) -> None:
+        """Keep an unusable message as a dead letter of this source (durable on return)."""
+        attributes = {
+            "specversion": "1.0",
+            "id": message_id,
+            "source": f"/eventhub/sources/{self.name}",
+            "type": "eventhub.source.rejected",
+            **{k: v for k, v in metadata.items() if k.isalnum() and k.islower()},
+        }
+        invocation_id = f"source:{self.name}:{message_id}"
+        now = datetime.now(UTC)
+        await self.supervisor.sink.store(
+            DeadLetterRecord(
+                id=dead_letter_id(invocation_id),
+                invocation_id=invocation_id,
+                function=None,
+                binding=None,
+                event=Event(attributes, payload),
+                reason="rejected",
+                error_code=reason.split(":", 1)[0],
+                error_message=reason,
+                attempts=[],
+                enqueued_at=now,
+                failed_at=now,
+                dead_letter_function=None,
+                source_name=self.name,
+            )
+        )
+        self.supervisor.metrics.source_errors.labels(self.name, "rejected").inc()
+        log.warning("source_message_rejected", source=self.name, reason=reason, id=message_id)
+
+    def set_lag(self, lag: int) -> None:
+        self.lag = lag
+        self.supervisor.metrics.source_lag.labels(self.name).set(lag)
+
+    async def load_state(self) -> dict[str, Any] | None:
+        return await self.supervisor.store.load_state(self.name)
+
+    async def save_state(self, state: dict[str, Any]) -> None:
+        await self.supervisor.store.save_state(self.name, state)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "process": PROCESS_ID,
+            "state": self.state,
+            "throttled": not self.room.is_set(),
+            "lastError": self.last_error,
+            "lastErrorAt": self.last_error_at,
+            "lastEventAt": _iso(self.last_event_at),
+            "secondsSinceLastEvent": (
+                round(time.time() - self.last_event_at, 3) if self.last_event_at else None
+            ),
+            "eventsIn": self.events_in,
+            "restarts": self.restarts,
+            "lag": self.lag,
+        }
+
+
+class SourceRunner:
+    """Runs one connector, restarting it with capped backoff until stopped."""
+
+    def __init__(self, ctx: SourceContext, connector: Connector) -> None:
+        self.ctx = ctx
+        self._connector = connector
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"source:{self.ctx.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        self.ctx.state = "stopped"
+
+    async def _supervise(self) -> None:
+        ctx, failures = self.ctx, 0
+        while True:
+            ctx.state = "running"
+            started = time.monotonic()
+            try:
+                await self._connector.run(ctx)
+                raise ConnectionError("the connector stopped")
+            except Exception as exc:  # any failure: restart, the transport redelivers
+                if time.monotonic() - started > _BACKOFF_MAX:
+                    failures = 0  # it ran a good while: start the backoff over
+                failures += 1
+                ctx.restarts += 1
+                ctx.state = "backoff"
+                ctx.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                ctx.last_error_at = now_rfc3339()
+                ctx.supervisor.metrics.source_errors.labels(ctx.name, "connection").inc()
+                delay = min(_BACKOFF_MAX, 0.5 * 2 ** min(failures - 1, 6))
+                log.warning("source_failed", source=ctx.name, error=ctx.last_error, retry_in=delay)
+                await asyncio.sleep(delay)
+
+
+class SourceSupervisor:
+    def __init__(
+        self,
+        *,
+        router: Router,
+        ingress: Ingress,
+        queue: InvocationQueue,
+        store: ResourceStore,
+        sink: DeadLetterSink,
+        redis: aioredis.Redis,
+        namespace: str,
+        connectors: Mapping[str, ConnectorFactory],
+        metrics: Metrics,
+    ) -> None:
+        self.router = router
+        self.ingress = ingress
+        self.queue = queue
+        self.store = store
+        self.sink = sink
+        self.metrics = metrics
+        self._redis = redis
+        self._prefix = f"{namespace}:src:"
+        self._factories = connectors
+        self._runners: dict[str, tuple[Resource, SourceRunner]] = {}
+        self._lock = asyncio.Lock()
+        self._stopped = False
+
+    async def start(self) -> None:
+        self.router.on_change(self._sync)
+        await self._sync(self.router.routes)
+
+    async def stop(self) -> None:
+        async with self._lock:
+            self._stopped = True
+            runners = [runner for _, runner in self._runners.values()]
+            self._runners = {}
+        for runner in runners:
+            await runner.stop()
+        await self.publish_status(runners)
+
+    async def _sync(self, routes: Routes) -> None:
+        async with self._lock:
+            if self._stopped:
+                return
+            wanted = {n: r for n, r in routes.sources.items() if not r.paused}
+            for name, (resource, runner) in list(self._runners.items()):
+                if wanted.get(name) != resource:
+                    del self._runners[name]
+                    await runner.stop()
+                    log.info("source_stopped", source=name)
+            for name, resource in wanted.items():
+                if name not in self._runners:
+                    self._start(resource)
+
+    def _start(self, resource: Resource) -> None:
+        factory = self._factories.get(resource.model.type)
+        if factory is None:
+            log.error("source_type_unavailable", source=resource.name, type=resource.model.type)
+            return
+        runner = SourceRunner(SourceContext(resource, self), factory(resource))
+        self._runners[resource.name] = (resource, runner)
+        runner.start()
+        log.info("source_started", source=resource.name, type=resource.model.type)
+
+    async def watch(self) -> None:
+        """Until cancelled: open or close each source's room, publish statuses."""
+        last_status = 0.0
+        while True:
+            runners = [runner for _, runner in self._runners.values()]
+            with contextlib.suppress(Exception):
+                await self._update_room(runners)
+            if time.monotonic() - last_status >= _STATUS_EVERY:
+                with contextlib.suppress(aioredis.RedisError):
+                    await self.publish_status(runners)
+                last_status = time.monotonic()
+            await asyncio.sleep(_ROOM_EVERY)
+
+    async def _update_room(self, runners: list[SourceRunner]) -> None:
+        routes = self.router.routes
+        depths: dict[str, int | None] = {}
+        for runner in runners:
+            ctx = runner.ctx
+            limit = ctx.spec.high_water_mark
+            full = False
+            for route in routes.bindings_of(ctx.name):
+                if route.function not in depths:
+                    depths[route.function] = await self.queue.depth(route.function)
+                depth = depths[route.function]
+                full = full or (depth is not None and depth >= limit)
+            if full and ctx.room.is_set():
+                log.info("source_throttled", source=ctx.name, high_water_mark=limit)
+                ctx.room.clear()
+            elif not full and not ctx.room.is_set():
+                log.info("source_resumed", source=ctx.name)
+                ctx.room.set()
+            self.metrics.source_throttled.labels(ctx.name).set(0 if ctx.room.is_set() else 1)
+
+    async def publish_status(self, runners: list[SourceRunner]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for runner in runners:
+                key = f"{self._prefix}{runner.ctx.name}:{PROCESS_ID}"
+                pipe.set(key, orjson.dumps(runner.ctx.status()), ex=_STATUS_TTL)
+            await pipe.execute()
+
+
+async def read_status(redis: aioredis.Redis, namespace: str, source: str) -> list[dict[str, Any]]:
+    """The status each ingest process published for ``source`` in the last few seconds."""
+    keys = [k async for k in redis.scan_iter(match=f"{namespace}:src:{source}:*", count=100)]
+    if not keys:
+        return []
+    values = await redis.mget(keys)
+    return sorted(
+        (orjson.loads(v) for v in values if v is not None), key=lambda s: str(s["process"])
+    )
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
