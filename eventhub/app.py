@@ -156,6 +156,7 @@ class Hub:
         await db.migrate(self.services.pool, self.settings.namespace)
         await self.queue.ensure_stream()
         await self.router.reload()
+        self._own(self.state.run())
         self._own(self.router.run(self.settings.database_url.get_secret_value()))
         if Role.DISPATCH in self.roles:
             await self.dispatcher.start()
@@ -174,6 +175,8 @@ class Hub:
         if Role.DISPATCH in self.roles:
             await self.dispatcher.stop(self.settings.shutdown_timeout)
         await self.callbacks.close(grace=5.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.state.flush(), timeout=5.0)
         for task in self._tasks:
             task.cancel()
         if self._tasks:

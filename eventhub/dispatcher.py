@@ -15,7 +15,7 @@ cancelled/shutdown  ``nak()`` without delay: handed back for another process now
 hub killed          nothing: JetStream redelivers after ``ack_wait``
 ==================  ====================================================================
 
-While a call runs longer than half of ``ack_wait``, ``in_progress`` keeps the message ours.
+While a call runs longer than a third of ``ack_wait``, ``in_progress`` keeps the message ours.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from datetime import UTC, datetime
 
 import nats.errors
@@ -161,10 +162,19 @@ class FunctionWorker:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        # Messages being invoked (by identity: Msg is unhashable) and when their call started.
+        self._calls: dict[int, tuple[Msg, float]] = {}
         self._rand = random.Random()  # noqa: S311 - jitter, not security
+        m = deps.metrics
+        self._succeeded = m.invocations.labels(name, "succeeded")
+        self._retried = m.invocations.labels(name, "retried")
+        self._retries = m.retries.labels(name)
+        self._duration = m.duration.labels(name)
 
     def start(self) -> None:
         self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"fetch:{self.name}")
+        self._ticker = asyncio.create_task(self._keep_alive(), name=f"in-progress:{self.name}")
 
     async def stop(self, grace: float) -> None:
         if self._fetcher is not None:
@@ -177,6 +187,9 @@ class FunctionWorker:
             if pending:
                 await asyncio.wait(pending)
                 log.warning("dispatch_handed_back", function=self.name, count=len(pending))
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.wait([self._ticker])
 
     async def _fetch_loop(self) -> None:
         failures = 0
@@ -267,7 +280,7 @@ class FunctionWorker:
         started_at = now_rfc3339()
         outcome = await self._call(msg, invocation, spec, attempt)
         record = AttemptRecord.of(attempt, started_at, outcome)
-        deps.metrics.duration.labels(self.name).observe(outcome.latency)
+        self._duration.observe(outcome.latency)
         decision = decide(
             outcome,
             attempt=attempt,
@@ -280,14 +293,14 @@ class FunctionWorker:
             if invocation.dead_letter_id:
                 await deps.sink.dead_letter_function_done(invocation.dead_letter_id, True, None)
             await msg.ack()
-            deps.metrics.invocations.labels(self.name, "succeeded").inc()
+            self._succeeded.inc()
             await deps.state.finished(invocation.id, "succeeded", record)
             deps.callbacks.send(invocation, "succeeded", outcome)
         elif isinstance(decision, Retry):
             await deps.state.finished(invocation.id, "retrying", record)
             await msg.nak(delay=decision.delay)
-            deps.metrics.retries.labels(self.name).inc()
-            deps.metrics.invocations.labels(self.name, "retried").inc()
+            self._retries.inc()
+            self._retried.inc()
             log.info("invocation_retrying", code=outcome.code, delay=round(decision.delay, 3))
         elif isinstance(decision, DeadLetter):
             await self._give_up(msg, invocation, spec, decision.reason, record, enqueued)
@@ -295,21 +308,22 @@ class FunctionWorker:
     async def _call(
         self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int
     ) -> Outcome:
-        call = self._deps.invoker.invoke(invocation, spec, attempt)
-        if spec.timeout < self._deps.settings.ack_wait / 2:
-            return await call
-        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        self._calls[id(msg)] = (msg, time.monotonic())
         try:
-            return await call
+            return await self._deps.invoker.invoke(invocation, spec, attempt)
         finally:
-            heartbeat.cancel()
-            await asyncio.wait([heartbeat])
+            del self._calls[id(msg)]
 
-    async def _keep_alive(self, msg: Msg) -> None:
+    async def _keep_alive(self) -> None:
+        """One ticker per worker: a call running longer than a third of ``ack_wait`` gets an
+        ``in_progress`` every third of ``ack_wait``, so JetStream does not redeliver it."""
         interval = self._deps.settings.ack_wait / 3
         while True:
             await asyncio.sleep(interval)
-            await msg.in_progress()
+            cutoff = time.monotonic() - interval
+            for msg in [m for m, started in self._calls.values() if started <= cutoff]:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.in_progress()
 
     async def _give_up(
         self,

@@ -9,6 +9,7 @@ never raises for a failed call; cancellation propagates.
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -36,7 +37,7 @@ class Invoker:
                 spec.url,
                 data=body,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=spec.timeout),
+                timeout=_timeout(spec.timeout),
                 allow_redirects=False,
             ) as response:
                 excerpt = await response.content.read(EXCERPT_BYTES)
@@ -58,6 +59,11 @@ class Invoker:
                 message=f"{type(exc).__name__}: {exc}"[:500],
                 latency=time.monotonic() - started,
             )
+
+
+@functools.lru_cache(maxsize=256)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds)
 
 
 def request_for(

@@ -11,6 +11,7 @@ Statuses: queued -> running -> (retrying -> running)* -> succeeded | dead-letter
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,46 +59,96 @@ class AttemptRecord:
         }
 
 
+# One round of one transition, applied atomically. KEYS[1]: the hash, KEYS[2]: the attempts list.
+# ARGV: ttl, n, then n field/value pairs set only if absent, m, m pairs always set, an attempt
+# record to append ("" for none).
+_TRANSITION = """
+local ttl = tonumber(ARGV[1])
+local i = 2
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
+local m = tonumber(ARGV[i]); i = i + 1
+for _ = 1, m do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
+redis.call('EXPIRE', KEYS[1], ttl)
+if ARGV[i] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[i])
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+_QUEUE_SIZE = 10_000
+_BATCH = 500
+
+Write = tuple[str, list[str]]  # (invocation id, ARGV)
+
+
 class InvocationState:
+    """Writes are queued and applied in batches by :meth:`run` (one pipeline of one script
+    call per transition), so no caller waits for Redis on the hot path. Reads flush first."""
+
     def __init__(self, client: aioredis.Redis, namespace: str, ttl: float) -> None:
         self._redis = client
         self._prefix = f"{namespace}:inv:"
-        self._ttl = max(1, int(ttl))
+        self._ttl = str(max(1, int(ttl)))
+        self._script = client.register_script(_TRANSITION)
+        self._pending: asyncio.Queue[Write] = asyncio.Queue(maxsize=_QUEUE_SIZE)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def queued(self, ids: list[tuple[str, str]]) -> None:
         """Mark (invocation id, function) pairs queued, unless dispatch already moved them on."""
         now = now_rfc3339()
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for inv_id, function in ids:
-                    key = self._prefix + inv_id
-                    pipe.hsetnx(key, "status", "queued")
-                    pipe.hsetnx(key, "createdAt", now)
-                    pipe.hsetnx(key, "function", function)
-                    pipe.hsetnx(key, "updatedAt", now)
-                    pipe.expire(key, self._ttl)
-                await pipe.execute()
-        except aioredis.RedisError as exc:
-            log.warning("invocation_state_write_failed", error=str(exc))
+        for inv_id, function in ids:
+            nx = ["status", "queued", "createdAt", now, "function", function, "updatedAt", now]
+            await self._put(inv_id, nx, [], "")
 
     async def running(self, inv_id: str, function: str, attempt: int) -> None:
         now = now_rfc3339()
-        await self._write(
-            inv_id,
-            {"status": "running", "function": function, "attempts": attempt, "updatedAt": now},
-            created=now,
-        )
+        always = ["status", "running", "function", function, "attempts", str(attempt)]
+        await self._put(inv_id, ["createdAt", now], [*always, "updatedAt", now], "")
 
     async def finished(self, inv_id: str, status: str, record: AttemptRecord, **extra: str) -> None:
-        fields: dict[str, str | int] = {
-            "status": status,
-            "attempts": record.attempt,
-            "lastStatus": "" if record.status is None else record.status,
-            "lastError": record.error or "",
-            "updatedAt": now_rfc3339(),
-            **extra,
-        }
-        await self._write(inv_id, fields, attempt=record)
+        fields = [
+            "status",
+            status,
+            "attempts",
+            str(record.attempt),
+            "lastStatus",
+            "" if record.status is None else str(record.status),
+            "lastError",
+            record.error or "",
+            "updatedAt",
+            now_rfc3339(),
+        ]
+        for name, value in extra.items():
+            fields += [name, value]
+        await self._put(inv_id, [], fields, orjson.dumps(record.to_json()).decode())
+
+    async def _put(self, inv_id: str, nx: list[str], always: list[str], attempt: str) -> None:
+        argv = [self._ttl, str(len(nx) // 2), *nx, str(len(always) // 2), *always, attempt]
+        self._idle.clear()
+        await self._pending.put((inv_id, argv))
+
+    async def flush(self) -> None:
+        """Wait until every write queued so far is applied (or has failed and been logged)."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """Apply queued writes until cancelled; a failed batch is logged, delivery goes on."""
+        while True:
+            batch = [await self._pending.get()]
+            while len(batch) < _BATCH and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for inv_id, argv in batch:
+                        key = self._prefix + inv_id
+                        await self._script(keys=[key, key + ":attempts"], args=argv, client=pipe)
+                    await pipe.execute()
+            except aioredis.RedisError as exc:
+                log.warning("invocation_state_write_failed", error=str(exc), writes=len(batch))
+            if self._pending.empty():
+                self._idle.set()
 
     async def exists(self, inv_id: str) -> bool:
         try:
@@ -106,10 +157,12 @@ class InvocationState:
             return False  # JetStream's duplicate window still applies
 
     async def attempts(self, inv_id: str) -> list[dict[str, Any]]:
+        await self.flush()
         raw = await self._redis.lrange(self._prefix + inv_id + ":attempts", 0, -1)
         return [orjson.loads(item) for item in raw]
 
     async def get(self, inv_id: str) -> dict[str, Any] | None:
+        await self.flush()
         key = self._prefix + inv_id
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(key)
@@ -127,25 +180,3 @@ class InvocationState:
         doc["lastError"] = doc.get("lastError") or None
         doc["history"] = [orjson.loads(a) for a in attempts]
         return doc
-
-    async def _write(
-        self,
-        inv_id: str,
-        fields: dict[str, str | int],
-        *,
-        created: str | None = None,
-        attempt: AttemptRecord | None = None,
-    ) -> None:
-        key = self._prefix + inv_id
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                if created:
-                    pipe.hsetnx(key, "createdAt", created)
-                pipe.hset(key, mapping=dict(fields))  # type: ignore[arg-type]  # redis-py's Mapping key is invariant
-                pipe.expire(key, self._ttl)
-                if attempt is not None:
-                    pipe.rpush(key + ":attempts", orjson.dumps(attempt.to_json()))
-                    pipe.expire(key + ":attempts", self._ttl)
-                await pipe.execute()
-        except aioredis.RedisError as exc:
-            log.warning("invocation_state_write_failed", invocation_id=inv_id, error=str(exc))
