@@ -59,9 +59,9 @@ class AttemptRecord:
         }
 
 
-# One round of one transition, applied atomically. KEYS[1]: the hash, KEYS[2]: the attempts list.
-# ARGV: ttl, n, then n field/value pairs set only if absent, m, m pairs always set, an attempt
-# record to append ("" for none).
+# The transitions of one invocation, applied atomically. KEYS[1]: the hash, KEYS[2]: the attempts
+# list. ARGV: ttl, n, then n field/value pairs set only if absent, m, m pairs always set (in
+# order: a later one wins), then the attempt records to append, if any.
 _TRANSITION = """
 local ttl = tonumber(ARGV[1])
 local i = 2
@@ -70,8 +70,8 @@ for _ = 1, n do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 e
 local m = tonumber(ARGV[i]); i = i + 1
 for _ = 1, m do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
 redis.call('EXPIRE', KEYS[1], ttl)
-if ARGV[i] ~= '' then
-  redis.call('RPUSH', KEYS[2], ARGV[i])
+if i <= #ARGV then
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i))
   redis.call('EXPIRE', KEYS[2], ttl)
 end
 return 1
@@ -79,7 +79,23 @@ return 1
 _QUEUE_SIZE = 10_000
 _BATCH = 500
 
-Write = tuple[str, list[str]]  # (invocation id, ARGV)
+
+@dataclass
+class _Write:
+    """What to do to one invocation's state; writes to the same invocation are merged."""
+
+    nx: list[str]
+    always: list[str]
+    attempts: list[str]
+
+    def merge(self, later: _Write) -> None:
+        self.nx += later.nx
+        self.always += later.always
+        self.attempts += later.attempts
+
+    def argv(self, ttl: str) -> list[str]:
+        nx, always = self.nx, self.always
+        return [ttl, str(len(nx) // 2), *nx, str(len(always) // 2), *always, *self.attempts]
 
 
 class InvocationState:
@@ -91,7 +107,7 @@ class InvocationState:
         self._prefix = f"{namespace}:inv:"
         self._ttl = str(max(1, int(ttl)))
         self._script = client.register_script(_TRANSITION)
-        self._pending: asyncio.Queue[Write] = asyncio.Queue(maxsize=_QUEUE_SIZE)
+        self._pending: asyncio.Queue[tuple[str, _Write]] = asyncio.Queue(maxsize=_QUEUE_SIZE)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -100,12 +116,12 @@ class InvocationState:
         now = now_rfc3339()
         for inv_id, function in ids:
             nx = ["status", "queued", "createdAt", now, "function", function, "updatedAt", now]
-            await self._put(inv_id, nx, [], "")
+            await self._put(inv_id, _Write(nx, [], []))
 
     async def running(self, inv_id: str, function: str, attempt: int) -> None:
         now = now_rfc3339()
         always = ["status", "running", "function", function, "attempts", str(attempt)]
-        await self._put(inv_id, ["createdAt", now], [*always, "updatedAt", now], "")
+        await self._put(inv_id, _Write(["createdAt", now], [*always, "updatedAt", now], []))
 
     async def finished(self, inv_id: str, status: str, record: AttemptRecord, **extra: str) -> None:
         fields = [
@@ -122,12 +138,11 @@ class InvocationState:
         ]
         for name, value in extra.items():
             fields += [name, value]
-        await self._put(inv_id, [], fields, orjson.dumps(record.to_json()).decode())
+        await self._put(inv_id, _Write([], fields, [orjson.dumps(record.to_json()).decode()]))
 
-    async def _put(self, inv_id: str, nx: list[str], always: list[str], attempt: str) -> None:
-        argv = [self._ttl, str(len(nx) // 2), *nx, str(len(always) // 2), *always, attempt]
+    async def _put(self, inv_id: str, write: _Write) -> None:
         self._idle.clear()
-        await self._pending.put((inv_id, argv))
+        await self._pending.put((inv_id, write))
 
     async def flush(self) -> None:
         """Wait until every write queued so far is applied (or has failed and been logged)."""
@@ -136,14 +151,21 @@ class InvocationState:
     async def run(self) -> None:
         """Apply queued writes until cancelled; a failed batch is logged, delivery goes on."""
         while True:
-            batch = [await self._pending.get()]
+            first_id, first = await self._pending.get()
+            batch = {first_id: first}  # under load, one invocation's transitions share a batch
             while len(batch) < _BATCH and not self._pending.empty():
-                batch.append(self._pending.get_nowait())
+                inv_id, write = self._pending.get_nowait()
+                if inv_id in batch:
+                    batch[inv_id].merge(write)
+                else:
+                    batch[inv_id] = write
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for inv_id, argv in batch:
+                    for inv_id, write in batch.items():
                         key = self._prefix + inv_id
-                        await self._script(keys=[key, key + ":attempts"], args=argv, client=pipe)
+                        await self._script(
+                            keys=[key, key + ":attempts"], args=write.argv(self._ttl), client=pipe
+                        )
                     await pipe.execute()
             except aioredis.RedisError as exc:
                 log.warning("invocation_state_write_failed", error=str(exc), writes=len(batch))
