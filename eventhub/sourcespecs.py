@@ -18,6 +18,7 @@ Common to every type:
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -184,7 +185,7 @@ class CronSpec(_SourceSpec):
 
 def cron_expression(schedule: str) -> str | float:
     """A croniter expression, or the interval in seconds of ``@every <duration>``."""
-    from croniter import croniter
+    from croniter import CroniterBadDateError, croniter
 
     text = schedule.strip()
     every = _EVERY.match(text)
@@ -195,10 +196,20 @@ def cron_expression(schedule: str) -> str | float:
         return seconds
     expression = _MACROS.get(text, text)
     fields = expression.split()
-    if len(fields) not in (5, 6) or not croniter.is_valid(expression):
+    seconds_first = len(fields) == 6  # 6 fields: seconds first, as robfig/cron and Quartz
+    if len(fields) not in (5, 6) or not croniter.is_valid(
+        expression, second_at_beginning=seconds_first
+    ):
         raise ValueError(
-            f"'{schedule}' is not a cron expression (5 or 6 fields, @hourly..., or @every 30s)"
+            f"'{schedule}' is not a cron expression (5 fields, or 6 with seconds first,"
+            " @hourly..., or @every 30s)"
         )
+    try:
+        croniter(expression, datetime.now(UTC), second_at_beginning=seconds_first).get_next(
+            datetime
+        )
+    except CroniterBadDateError:
+        raise ValueError(f"'{schedule}' never fires") from None
     return expression
 
 

@@ -98,6 +98,8 @@ class ResourceStore:
             )
             if status.endswith(" 0"):
                 raise NotFound(f"{kind.value} '{name}' does not exist")
+            if kind is Kind.SOURCE:  # a new Source of the same name starts afresh
+                await conn.execute("delete from source_state where source = $1", name)
             await conn.execute("select pg_notify($1, $2)", self.channel, f"{kind.value}/{name}")
 
     async def apply(
@@ -228,6 +230,8 @@ async def _prune(conn: Any, keep: Iterable[Resource], apply_set: str) -> list[st
     for kind, name in doomed:
         await _check_not_referenced(conn, Kind(kind), name, ignore=doomed)
         await conn.execute("delete from resources where kind = $1 and name = $2", kind, name)
+        if kind == Kind.SOURCE.value:
+            await conn.execute("delete from source_state where source = $1", name)
     return [f"{kind}/{name}" for kind, name in doomed]
 
 

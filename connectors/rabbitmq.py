@@ -1,0 +1,296 @@
+"""RabbitMQ source: consume one queue (AMQP 0-9-1, aio-pika) with manual acknowledgements.
+
+=============  ====================================================================================
+Outcome        What the connector does on the AMQP channel
+=============  ====================================================================================
+ack            ``basic.ack`` (``multiple`` up to the last message of a batch) only after
+               ``ctx.deliver`` returned, i.e. once every invocation is durably in JetStream.
+nack           Never sent one by one: a failure (``deliver`` raises, the connection or channel
+               drops, the broker cancels the consumer, the hub stops) leaves the run, which closes
+               the connection; RabbitMQ requeues every unacknowledged message and redelivers it
+               (``redelivered`` flag set), to this or another consumer of the queue.
+reject         A message that cannot become an event goes to ``ctx.reject`` (a durable dead letter
+               of the source), then it is acked: it never comes back.
+throttled      ``deliver`` waits while ``ctx.room`` is clear; the channel's ``prefetch`` bounds what
+               the broker sends meanwhile. aiormq answers heartbeats on its own reader task, so the
+               connection stays up. RabbitMQ's ``consumer_timeout`` (30 min by default) closes a
+               channel whose deliveries stay unacked longer: the run then restarts and the messages
+               are redelivered, deduplicated by their deterministic ids.
+=============  ====================================================================================
+
+A redelivered message keeps its event id (the AMQP ``message-id``, else a digest of the message's
+stable content), so JetStream deduplicates the invocations of a message acked too late.
+Several hub processes may consume the same queue: RabbitMQ gives each message to one consumer.
+
+CloudEvents AMQP binding, for ``format: auto`` (the rules are in :mod:`connectors.common`):
+
+- binary mode: application properties (headers) ``cloudEvents:<attr>`` or ``cloudEvents_<attr>``
+  with a ``specversion``; ``datacontenttype`` is the ``content-type`` property; ``time`` may be
+  a string, an AMQP timestamp or an integer of milliseconds since the epoch.
+- structured mode: ``content-type: application/cloudevents+json``.
+- anything else is wrapped: see :meth:`RabbitMQConnector.message` for the attributes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from urllib.parse import quote, unquote
+
+import aio_pika
+import aiormq.abc
+import orjson
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
+from yarl import URL
+
+from connectors.common import Message, Rejected, content_hash, to_events
+from eventhub.events import canonical
+from eventhub.ports import Connector
+from eventhub.resources import Resource
+from eventhub.sources import SourceContext
+from eventhub.sourcespecs import TLS, RabbitMQSpec
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_TYPE = "eventhub.rabbitmq.message"
+_CE_PREFIXES = ("cloudEvents:", "cloudEvents_")
+_BATCH = 100  # messages per ctx.deliver, at most (and at most what the broker has sent)
+_LAG_EVERY = 5.0
+_CONNECT_TIMEOUT = 10.0
+# Context attribute names a header must not shadow when it becomes an extension.
+_RESERVED = frozenset(
+    {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema"}
+)
+_Item = AbstractIncomingMessage | BaseException
+
+
+class RabbitMQConnector:
+    def __init__(self, name: str, spec: RabbitMQSpec) -> None:
+        self.name = name
+        self.spec = spec
+        url = URL(spec.url.get_secret_value())
+        if spec.tls is not None and url.scheme == "amqp":
+            url = url.with_scheme("amqps")  # tls settings mean TLS, whatever the URL said
+        self._url = url
+        vhost = unquote(url.raw_path[1:]) or "/"
+        self.event_source = f"amqp://{quote(vhost, safe='')}/{quote(spec.queue, safe='')}"
+
+    async def run(self, ctx: SourceContext) -> None:
+        connection = await aio_pika.connect(
+            self._url,
+            ssl_context=_ssl_context(self.spec.tls) if self.spec.tls else None,
+            timeout=_CONNECT_TIMEOUT,
+            client_properties={"connection_name": f"eventhub source {self.name}"},
+        )
+        # Leaving this block closes the connection: RabbitMQ requeues whatever is unacked.
+        async with connection:
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self.spec.prefetch)
+            queue = await self._queue(channel)
+            inbox: asyncio.Queue[_Item] = asyncio.Queue(maxsize=self.spec.prefetch + 2)
+            await self._subscribe(channel, queue, inbox)
+            log.info("rabbitmq_consuming", source=self.name, queue=queue.name)
+            underlay = await channel.get_underlay_channel()
+            lag = asyncio.create_task(self._track_lag(ctx, underlay), name=f"lag:{self.name}")
+            try:
+                await self._consume(ctx, inbox)
+            finally:
+                lag.cancel()
+                await asyncio.wait([lag])
+
+    async def _queue(self, channel: AbstractChannel) -> AbstractQueue:
+        """The queue to consume: declared and bound with ``declare``, else it must exist."""
+        declare = self.spec.declare
+        if declare is None:
+            return await channel.declare_queue(self.spec.queue, passive=True)
+        exchange = await channel.declare_exchange(
+            declare.exchange, declare.exchange_type, durable=declare.durable
+        )
+        queue = await channel.declare_queue(self.spec.queue, durable=declare.durable)
+        for key in declare.routing_keys:
+            await queue.bind(exchange, routing_key=key)
+        return queue
+
+    async def _subscribe(
+        self, channel: AbstractChannel, queue: AbstractQueue, inbox: asyncio.Queue[_Item]
+    ) -> None:
+        """Messages arrive in ``inbox`` in delivery order, followed by an exception if the
+        channel closes or the broker cancels the consumer (the queue was deleted).
+
+        ``inbox`` never fills: the broker sends at most ``prefetch`` unacked messages, and the
+        two spare places are for the stop signals."""
+
+        def closed(_sender: object, exc: BaseException | None = None) -> None:
+            inbox.put_nowait(ConnectionError(f"the AMQP channel closed: {exc}"))
+
+        def cancelled(_frame: object) -> None:
+            inbox.put_nowait(ConnectionError(f"the broker cancelled the consumer of {queue.name}"))
+
+        channel.close_callbacks.add(closed)
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(cancelled)
+        await queue.consume(inbox.put, no_ack=False)
+
+    async def _consume(self, ctx: SourceContext, inbox: asyncio.Queue[_Item]) -> None:
+        while True:
+            batch = await _next_batch(inbox)
+            events, last = [], None
+            for message in batch:
+                try:
+                    events.extend(to_events(self.message(message), self.spec, DEFAULT_TYPE))
+                except Rejected as exc:
+                    metadata = self._extensions(message)
+                    await ctx.reject(self._id(message), exc.reason, message.body, metadata)
+                    await message.ack()
+                    continue
+                last = message
+            if last is not None:
+                await ctx.deliver(events)
+                # Every earlier delivery tag is in this batch or already acked.
+                await last.ack(multiple=True)
+
+    def message(self, message: AbstractIncomingMessage) -> Message:
+        """A wrapped message becomes an event with:
+
+        - ``id``: the AMQP ``message-id``; without one, a digest of exchange, routing key,
+          ``timestamp``, ``correlation-id``, ``type``, ``app-id``, the headers not starting with
+          ``x-`` and the body (the same on a redelivery, so deduplicated; two identical messages
+          without ``message-id`` and ``timestamp`` are deduplicated too: set either);
+        - ``source``: ``amqp://<vhost>/<queue>``, both percent-encoded (``amqp://%2F/orders``);
+        - ``type``: the source's ``eventType``, else ``eventhub.rabbitmq.message``;
+        - ``subject``: the routing key; ``time``: the ``timestamp`` property;
+          ``datacontenttype``: the ``content-type`` property;
+        - extensions ``exchange``, ``routingkey``, ``correlationid`` and ``appid`` (each when not
+          empty), and each header whose name is a valid extension name (lowercase letters and
+          digits, not a context attribute) and whose value is a string, number, boolean or
+          timestamp, in canonical string form.
+        """
+        return Message(
+            payload=message.body,
+            id=self._id(message),
+            source=self.event_source,
+            content_type=message.content_type,
+            ce_attributes=_ce_attributes(message.headers or {}),
+            subject=message.routing_key or None,
+            time=canonical(message.timestamp) if message.timestamp else None,
+            extensions=self._extensions(message),
+        )
+
+    @staticmethod
+    def _extensions(message: AbstractIncomingMessage) -> dict[str, str]:
+        headers: Mapping[str, Any] = message.headers or {}
+        extensions = {
+            k: text
+            for k, v in headers.items()
+            if _extension_name(k) and (text := _text(v)) is not None
+        }
+        for name, value in (
+            ("exchange", message.exchange),
+            ("routingkey", message.routing_key),
+            ("correlationid", message.correlation_id),
+            ("appid", message.app_id),
+        ):
+            if value:
+                extensions[name] = value
+        return extensions
+
+    @staticmethod
+    def _id(message: AbstractIncomingMessage) -> str:
+        if message.message_id:
+            return message.message_id
+        # x- headers are the broker's (x-death, x-delivery-count): they change on redelivery.
+        headers: Mapping[str, Any] = message.headers or {}
+        stable = {k: v for k, v in headers.items() if not k.startswith("x-")}
+        return content_hash(
+            message.exchange or "",
+            message.routing_key or "",
+            canonical(message.timestamp) if message.timestamp else "",
+            message.correlation_id or "",
+            message.type or "",
+            message.app_id or "",
+            orjson.dumps(stable, default=str, option=orjson.OPT_SORT_KEYS),
+            message.body,
+        )
+
+    async def _track_lag(self, ctx: SourceContext, channel: aiormq.abc.AbstractChannel) -> None:
+        """The queue's ready messages, every few seconds, until the channel goes."""
+        while True:
+            try:
+                declared = await channel.queue_declare(self.spec.queue, passive=True)
+            except (AMQPError, ChannelInvalidStateError):
+                return  # the consume loop sees the channel close and raises
+            if declared.message_count is not None:
+                ctx.set_lag(declared.message_count)
+            await asyncio.sleep(_LAG_EVERY)
+
+
+async def _next_batch(inbox: asyncio.Queue[_Item]) -> list[AbstractIncomingMessage]:
+    """Wait for one message, then take what has already arrived, up to ``_BATCH``."""
+    batch: list[AbstractIncomingMessage] = []
+    item = await inbox.get()
+    while True:
+        if isinstance(item, BaseException):
+            # The channel is gone: its unacked messages (this batch too) are requeued.
+            raise item
+        batch.append(item)
+        if len(batch) >= _BATCH or inbox.empty():
+            return batch
+        item = inbox.get_nowait()
+
+
+def _ce_attributes(headers: Mapping[str, Any]) -> dict[str, str] | None:
+    """Binary-mode attributes (prefix removed), when the headers carry a ``specversion``."""
+    if not any(f"{p}specversion" in headers for p in _CE_PREFIXES):
+        return None
+    attributes: dict[str, str] = {}
+    for key, value in headers.items():
+        prefix = next((p for p in _CE_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            continue
+        name = key[len(prefix) :]
+        if name == "time" and isinstance(value, int) and not isinstance(value, bool):
+            value = datetime.fromtimestamp(value / 1000, UTC)  # AMQP binding: milliseconds
+        text = _text(value)
+        if text is None:
+            raise Rejected(f"invalid-cloudevent: header {key} is not a string, number or time")
+        attributes.setdefault(name, text)
+    return attributes
+
+
+def _text(value: object) -> str | None:
+    """A header value in canonical string form; None for tables, arrays and void."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, str | bool | int | float | Decimal | datetime):
+        return canonical(value)
+    return None
+
+
+def _extension_name(name: str) -> bool:
+    return name.isascii() and name.isalnum() and name.islower() and name not in _RESERVED
+
+
+def _ssl_context(tls: TLS) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def connector(resource: Resource) -> Connector:
+    spec = resource.model
+    if not isinstance(spec, RabbitMQSpec):
+        raise TypeError(f"source {resource.name} is not of type rabbitmq")
+    return RabbitMQConnector(resource.name, spec)

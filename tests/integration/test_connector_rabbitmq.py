@@ -1,0 +1,341 @@
+"""The RabbitMQ source against a real broker: the CloudEvents AMQP binding (wrapped, binary and
+structured messages), dead letters, backpressure, kill -9 before enqueue, two hubs on one queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.exceptions import ChannelClosed, ChannelInvalidStateError
+
+from tests.support import FunctionServer, HubProcess, RunningHub
+
+RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[Broker]:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=0.5):
+            pass
+    except OSError:
+        if os.environ.get("EVENTHUB_REQUIRE_SERVICES") == "1":
+            pytest.fail("RabbitMQ is unreachable on 127.0.0.1:5672")
+        pytest.skip("RabbitMQ is unreachable on 127.0.0.1:5672")
+    connection = await aio_pika.connect(RABBIT_URL)
+    broker = Broker(connection, await connection.channel())
+    try:
+        yield broker
+    finally:
+        await broker.cleanup()
+        await connection.close()
+
+
+class Broker:
+    """A publishing client with unique queue/exchange names, deleted after the test."""
+
+    def __init__(self, connection: AbstractConnection, channel: AbstractChannel) -> None:
+        self.connection = connection
+        self.channel = channel
+        self.queues: list[str] = []
+        self.exchanges: list[str] = []
+
+    def names(self) -> tuple[str, str]:
+        suffix = uuid.uuid4().hex[:10]
+        self.queues.append(f"eh-test-q-{suffix}")
+        self.exchanges.append(f"eh-test-x-{suffix}")
+        return self.queues[-1], self.exchanges[-1]
+
+    async def publish(self, exchange: str, routing_key: str, body: bytes, **props: Any) -> None:
+        target = await self.channel.get_exchange(exchange) if exchange else None
+        message = aio_pika.Message(body, **props)
+        if target is None:
+            await self.channel.default_exchange.publish(message, routing_key=routing_key)
+        else:
+            await target.publish(message, routing_key=routing_key)
+
+    async def counts(self, queue: str) -> tuple[int, int]:
+        """(ready messages, consumers) of ``queue``."""
+        declared = await (await self.channel.get_underlay_channel()).queue_declare(
+            queue, passive=True
+        )
+        return int(declared.message_count or 0), int(declared.consumer_count or 0)
+
+    async def wait_counts(
+        self, queue: str, *, ready: int | None = None, consumers: int, wait: float = 15.0
+    ) -> None:
+        deadline = time.monotonic() + wait
+        got: tuple[int, int] = (-1, -1)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChannelClosed, ChannelInvalidStateError):
+                got = await self.counts(queue)
+                if got[1] == consumers and (ready is None or got[0] == ready):
+                    return
+            if self.channel.is_closed:  # a passive declare of a missing queue closes it
+                self.channel = await self.connection.channel()
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{queue}: wanted ready={ready} consumers={consumers}, got {got}")
+
+    async def cleanup(self) -> None:
+        channel = await self.connection.channel()
+        for queue in self.queues:
+            await channel.queue_delete(queue)
+        for exchange in self.exchanges:
+            await channel.exchange_delete(exchange)
+
+
+def ce(call: Any) -> dict[str, str]:
+    """The call's CloudEvent attributes, percent-decoded (HTTP binary mode encodes them)."""
+    return {k: unquote(v) for k, v in call.ce.items()}
+
+
+def source_spec(queue: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "rabbitmq", "url": RABBIT_URL, "queue": queue} | extra
+
+
+async def metric(base_url: str, series: str) -> float | None:
+    """The value of one Prometheus series, e.g. ``eventhub_source_throttled{source="s"}``."""
+    async with aiohttp.ClientSession() as http, http.get(f"{base_url}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def throttled(source: str) -> str:
+    return f'eventhub_source_throttled{{source="{source}"}}'
+
+
+async def wait_metric(base_url: str, series: str, value: float, wait: float = 10.0) -> None:
+    deadline = time.monotonic() + wait
+    while (got := await metric(base_url, series)) != value:
+        assert time.monotonic() < deadline, f"{series} is {got}, not {value}"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def client(process: HubProcess) -> AsyncIterator[RunningHub]:
+    async with aiohttp.ClientSession() as http:
+        yield RunningHub(None, process.base_url, process.token, http)
+
+
+async def test_wrapped_binary_and_structured_messages_reach_the_function(
+    amqp: Broker, hub: RunningHub, function: FunctionServer
+) -> None:
+    queue, exchange = amqp.names()
+    declare = {"exchange": exchange, "routingKeys": ["orders.#"], "durable": False}
+    await hub.function("fn", function.url("fn"))
+    await hub.put("sources", "orders", source_spec(queue, declare=declare))
+    await hub.bind("orders-to-fn", "fn", source="orders")
+    await amqp.wait_counts(queue, consumers=1)  # the connector declared, bound and consumes
+    stamp = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    await amqp.publish(
+        exchange,
+        "orders.created",
+        b'{"n": 1}',
+        content_type="application/json",
+        message_id="m-1",
+        timestamp=stamp,
+        correlation_id="c-1",
+        app_id="shop",
+        headers={"tenant": "acme", "x-trace": "skipped", "Upper": "skipped", "count": 3},
+    )
+    await amqp.publish(exchange, "orders.hashed", b"plain text", content_type="text/plain")
+    await amqp.publish(
+        exchange,
+        "orders.binary",
+        b'{"n": 3}',
+        content_type="application/json",
+        headers={
+            "cloudEvents_specversion": "1.0",
+            "cloudEvents_id": "bin-1",
+            "cloudEvents_source": "/shop",
+            "cloudEvents_type": "com.example.order.paid",
+            "cloudEvents:subject": "order-3",
+            "cloudEvents_time": int(stamp.timestamp() * 1000),  # AMQP binding: milliseconds
+            "cloudEvents_tenant": "acme",
+        },
+    )
+    structured = {
+        "specversion": "1.0",
+        "id": "st-1",
+        "source": "/shop",
+        "type": "com.example.order.shipped",
+        "datacontenttype": "application/json",
+        "data": {"n": 4},
+    }
+    await amqp.publish(
+        exchange,
+        "orders.structured",
+        json.dumps(structured).encode(),
+        content_type="application/cloudevents+json",
+    )
+    calls = {ce(c).get("subject", ce(c)["id"]): c for c in await function.wait_for(4, "fn")}
+    wrapped, hashed = calls["orders.created"], calls["orders.hashed"]
+    binary, shipped = calls["order-3"], calls["st-1"]
+    assert ce(wrapped) == {
+        "specversion": "1.0",
+        "id": "m-1",
+        "source": f"amqp://%2F/{queue}",
+        "type": "eventhub.rabbitmq.message",
+        "subject": "orders.created",
+        "time": "2024-05-01T12:00:00Z",
+        "exchange": exchange,
+        "routingkey": "orders.created",
+        "correlationid": "c-1",
+        "appid": "shop",
+        "tenant": "acme",
+        "count": "3",
+    }
+    assert wrapped.headers["content-type"] == "application/json"
+    assert wrapped.body == b'{"n": 1}'
+    assert len(ce(hashed)["id"]) == 32  # no message-id: a digest of the message
+    assert ce(hashed)["subject"] == "orders.hashed"
+    assert hashed.body == b"plain text"
+    assert ce(binary) == {
+        "specversion": "1.0",
+        "id": "bin-1",
+        "source": "/shop",
+        "type": "com.example.order.paid",
+        "subject": "order-3",
+        "time": "2024-05-01T12:00:00Z",
+        "tenant": "acme",
+    }
+    assert binary.body == b'{"n": 3}'
+    assert ce(shipped)["id"] == "st-1"
+    assert ce(shipped)["type"] == "com.example.order.shipped"
+    assert json.loads(shipped.body) == {"n": 4}
+
+
+async def test_malformed_messages_become_dead_letters_and_the_next_flows(
+    amqp: Broker, hub: RunningHub, function: FunctionServer
+) -> None:
+    queue, _ = amqp.names()
+    await amqp.channel.declare_queue(queue)  # an existing queue: the source only consumes it
+    await hub.function("fn", function.url("fn"))
+    await hub.put("sources", "inbox", source_spec(queue, maxMessageSize="1KiB"))
+    await hub.bind("inbox-to-fn", "fn", source="inbox")
+    await amqp.wait_counts(queue, consumers=1)
+    await amqp.publish(
+        "", queue, b"{not json", content_type="application/cloudevents+json", message_id="bad-1"
+    )
+    await amqp.publish(
+        "", queue, b"x", headers={"cloudEvents_specversion": "1.0", "cloudEvents_type": "t"}
+    )
+    await amqp.publish("", queue, b"\xff\xfe", content_type="text/plain; charset=utf-8")
+    await amqp.publish("", queue, b"x" * 2048)
+    await amqp.publish("", queue, b'{"ok": true}', message_id="good-1")
+    [call] = await function.wait_for(1, "fn")
+    assert ce(call)["id"] == "good-1"
+    letters = await hub.wait_dead_letters(4, source="inbox")
+    codes = sorted(d["errorCode"] for d in letters)
+    assert codes == ["bad-charset", "invalid-cloudevent", "invalid-cloudevent", "too-large"]
+    by_id = {d["event"]["id"]: d for d in letters}
+    assert by_id["bad-1"]["event"]["routingkey"] == queue  # transport metadata is kept
+    await amqp.wait_counts(queue, ready=0, consumers=1)  # all acked, nothing requeued
+    await asyncio.sleep(0.5)
+    assert len(function.calls_to("fn")) == 1
+
+
+async def test_a_burst_above_the_high_water_mark_pauses_and_resumes_without_loss(
+    amqp: Broker, hub: RunningHub, function: FunctionServer
+) -> None:
+    queue, _ = amqp.names()
+    await amqp.channel.declare_queue(queue)
+    function.delays["fn"] = 1.0
+    await hub.function("fn", function.url("fn"), maxConcurrency=1)
+    # heartbeat=1: a pause much longer than the heartbeat timeout must not drop the connection
+    spec = source_spec(queue, highWaterMark=5, prefetch=5, url=f"{RABBIT_URL}?heartbeat=1")
+    await hub.put("sources", "burst", spec)
+    await hub.bind("burst-to-fn", "fn", source="burst")
+    await amqp.wait_counts(queue, consumers=1)
+    for i in range(10):  # the slow function falls behind the high-water mark ...
+        await amqp.publish("", queue, f'{{"i": {i}}}'.encode(), message_id=f"b{i}")
+    await wait_metric(hub.base_url, throttled("burst"), 1.0)
+    for i in range(10, 110):  # ... so the source pauses: the burst waits in RabbitMQ
+        await amqp.publish("", queue, f'{{"i": {i}}}'.encode(), message_id=f"b{i}")
+    await asyncio.sleep(3.0)
+    ready, _ = await amqp.counts(queue)
+    assert ready >= 100 - 5, ready  # at most a prefetch of it is held by the connector
+    errors = 'eventhub_source_errors_total{kind="connection",source="burst"}'
+    assert not await metric(hub.base_url, errors)  # heartbeats flowed while it was paused
+    function.delays["fn"] = 0.0  # the function catches up: the source resumes
+    calls = await function.wait_for(110, "fn", wait=30)
+    assert sorted(ce(c)["id"] for c in calls) == sorted(f"b{i}" for i in range(110))
+    await wait_metric(hub.base_url, throttled("burst"), 0.0)
+    await amqp.wait_counts(queue, ready=0, consumers=1)
+    assert len(function.calls_to("fn")) == 110  # nothing lost, nothing twice
+
+
+@pytest.mark.slow
+async def test_kill_between_receipt_and_enqueue_then_restart_delivers(
+    amqp: Broker, hub_process: Callable[[], HubProcess], function: FunctionServer
+) -> None:
+    queue, _ = amqp.names()
+    await amqp.channel.declare_queue(queue)
+    first = hub_process()
+    await first.ready()
+    function.delays["slow"] = 4.0
+    async with client(first) as api:
+        await api.function("slow", function.url("slow"), timeout="10s", maxConcurrency=1)
+        await api.put("sources", "held", source_spec(queue, highWaterMark=1, prefetch=1))
+        await api.bind("held-to-slow", "slow", source="held")
+    await amqp.wait_counts(queue, consumers=1, wait=20)
+    await amqp.publish("", queue, b"{}", message_id="k0")
+    await function.wait_for(1, "slow")  # k0 is in flight: the function is at the high-water mark
+    await wait_metric(first.base_url, throttled("held"), 1.0)
+    for i in (1, 2, 3):
+        await amqp.publish("", queue, b"{}", message_id=f"k{i}")
+    # prefetch 1: the connector holds k1 in deliver (received, unacked, not enqueued) ...
+    await amqp.wait_counts(queue, ready=2, consumers=1)
+    assert len(function.calls_to("slow")) == 1
+    first.kill()  # ... and dies with it
+    function.delays["slow"] = 0.05
+    second = hub_process()
+    await second.ready()
+    await function.wait_for(5, "slow", wait=30)  # k0 again (after ack_wait), k1..k3 once
+    await amqp.wait_counts(queue, ready=0, consumers=1)
+    await asyncio.sleep(0.5)
+    ids = [ce(c)["id"] for c in function.calls_to("slow")]
+    assert sorted(ids) == ["k0", "k0", "k1", "k2", "k3"], ids
+
+
+@pytest.mark.slow
+async def test_two_hub_processes_share_a_queue_without_duplicate_invocations(
+    amqp: Broker, hub_process: Callable[[], HubProcess], function: FunctionServer
+) -> None:
+    queue, _ = amqp.names()
+    await amqp.channel.declare_queue(queue)
+    one, two = hub_process(), hub_process()
+    await asyncio.gather(one.ready(), two.ready())
+    function.delays["fn"] = 0.01
+    async with client(one) as api:
+        await api.function("fn", function.url("fn"), maxConcurrency=20)
+        await api.put("sources", "shared", source_spec(queue, prefetch=5))
+        await api.bind("shared-to-fn", "fn", source="shared")
+    await amqp.wait_counts(queue, consumers=2, wait=20)  # both processes consume the queue
+    for i in range(200):
+        await amqp.publish("", queue, f'{{"i": {i}}}'.encode(), message_id=f"s{i}")
+    await function.wait_for(200, "fn", wait=30)
+    await asyncio.sleep(1.0)
+    ids = sorted(ce(c)["id"] for c in function.calls_to("fn"))
+    assert ids == sorted(f"s{i}" for i in range(200))  # each exactly once
+    series = 'eventhub_source_events_total{source="shared"}'
+    taken = [await metric(p.base_url, series) for p in (one, two)]
+    assert all(n and n > 0 for n in taken), taken  # both took a share
+    assert sum(n or 0 for n in taken) == 200
