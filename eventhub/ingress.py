@@ -8,6 +8,7 @@ event. The HTTP API and every connector go through this one door.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from eventhub.routing import Router
 from eventhub.state import InvocationState
 
 INVOKE_SOURCE = "/eventhub/invocations"
+_DEPTH_TTL = 1.0
 INVOKE_TYPE = "eventhub.invocation"
 
 
@@ -43,6 +45,7 @@ class Ingress:
         self._queue = queue
         self._state = state
         self._metrics = metrics
+        self._depths: dict[str, tuple[float, int]] = {}
 
     async def submit(
         self, source: str, events: Sequence[Event], trace: Trace = Trace()
@@ -73,6 +76,19 @@ class Ingress:
             for invocation in invocations:
                 self._metrics.invocations_enqueued.labels(invocation.function).inc()
         return invocations
+
+    async def above_high_water(self, source: str, limit: int) -> bool:
+        """Whether a function bound to ``source`` has ``limit`` or more invocations waiting
+        (depths cached for a second, so a busy webhook costs one lookup per function per s)."""
+        now = time.monotonic()
+        for route in self._router.routes.bindings_of(source):
+            cached = self._depths.get(route.function)
+            if cached is None or now - cached[0] > _DEPTH_TTL:
+                cached = (now, await self._queue.depth(route.function) or 0)
+                self._depths[route.function] = cached
+            if cached[1] >= limit:
+                return True
+        return False
 
     async def invoke(
         self,

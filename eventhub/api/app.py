@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from eventhub.api import deadletters, health, ingress, middleware, resources
+from eventhub.api import deadletters, health, ingress, middleware, resources, webhooks
 from eventhub.api.context import CONTEXT, ApiContext
 
 
@@ -20,4 +20,5 @@ def build(ctx: ApiContext, *, v1: bool = True) -> web.Application:
         ingress.add_routes(app)
         resources.add_routes(app)
         deadletters.add_routes(app)
+        webhooks.add_routes(app)
     return app
