@@ -84,7 +84,10 @@ class Router:
             self.routes = routes
             log.debug("routes_reloaded", functions=len(routes.functions))
             for listener in self._listeners:
-                await listener(routes)
+                try:
+                    await listener(routes)
+                except Exception as exc:  # the next reload (at most 30 s away) tries again
+                    log.error("routes_listener_failed", error=str(exc) or repr(exc))
 
     async def run(self, dsn: str) -> None:
         """Follow changes until cancelled."""

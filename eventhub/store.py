@@ -18,6 +18,7 @@ from eventhub.errors import Conflict, FieldProblem, NotFound, ResourceInvalid
 from eventhub.resources import API_SOURCE, Kind, Resource, parse_resource
 
 _ORDER = (Kind.FUNCTION, Kind.SOURCE, Kind.BINDING)
+_RELOAD_EVERY = 30.0
 
 
 @dataclass
@@ -142,7 +143,9 @@ class ResourceStore:
         """Call ``on_change`` after every resource change until cancelled.
 
         Holds its own connection; a lost connection is re-opened and followed by a call to
-        ``on_change`` so that nothing announced meanwhile is missed.
+        ``on_change`` so that nothing announced meanwhile is missed. Without any change,
+        ``on_change`` still runs every 30 s, so a step that failed (NATS away when a consumer
+        had to be made) is tried again.
         """
         import asyncio
 
@@ -159,11 +162,14 @@ class ResourceStore:
                 conn = await asyncpg.connect(dsn)
                 await conn.add_listener(self.channel, _on_notify)
                 changed.set()  # reload once: changes may have happened while not listening
+                last = 0.0
                 while not conn.is_closed():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(changed.wait(), timeout=5.0)
-                    if changed.is_set():
+                    now = asyncio.get_running_loop().time()
+                    if changed.is_set() or now - last >= _RELOAD_EVERY:
                         changed.clear()
+                        last = now
                         await on_change()
             except (OSError, asyncpg.PostgresError):
                 await asyncio.sleep(1.0)
