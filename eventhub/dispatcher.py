@@ -32,6 +32,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from eventhub.callbacks import Callbacks
+from eventhub.errors import DependencyDown
 from eventhub.events import Event, now_rfc3339
 from eventhub.invocations import Invocation
 from eventhub.invoker import Invoker
@@ -77,7 +78,8 @@ class Dispatcher:
     ) -> None:
         self._router = router
         self._deps = _Deps(queue, invoker, state, limiter, sink, callbacks, settings, metrics)
-        self._workers: dict[str, FunctionWorker] = {}
+        # (function, None) pulls the function's consumer; (function, lane) an ordered lane.
+        self._workers: dict[tuple[str, int | None], FunctionWorker] = {}
         self._sync_lock = asyncio.Lock()
         self._stopped = False
 
@@ -89,18 +91,31 @@ class Dispatcher:
         async with self._sync_lock:
             if self._stopped:
                 return
-            for name, spec in routes.functions.items():
-                worker = self._workers.get(name)
+            wanted = self._wanted(routes)
+            for key, spec in wanted.items():
+                worker = self._workers.get(key)
                 if worker is None or worker.spec.max_concurrency != spec.max_concurrency:
-                    await self._deps.queue.ensure_consumer(name, spec.max_concurrency)
+                    await self._deps.queue.ensure_consumer(key[0], spec.max_concurrency, key[1])
                 if worker is None:
-                    worker = FunctionWorker(name, spec, self._deps)
-                    self._workers[name] = worker
+                    worker = FunctionWorker(key[0], spec, self._deps, lane=key[1])
+                    self._workers[key] = worker
                     worker.start()
                 else:
                     worker.spec = spec
-            for name in [n for n in self._workers if n not in routes.functions]:
-                await self._workers.pop(name).stop(self._deps.settings.shutdown_timeout)
+            for key in [k for k in self._workers if k not in wanted]:
+                await self._workers.pop(key).stop(self._deps.settings.shutdown_timeout)
+
+    def _wanted(self, routes: Routes) -> dict[tuple[str, int | None], FunctionSpec]:
+        """A worker per function, and per ordered lane of a function that has (or had: its
+        lanes may still hold invocations) an ordered binding."""
+        ordered = routes.ordered_functions | {f for f, lane in self._workers if lane is not None}
+        wanted: dict[tuple[str, int | None], FunctionSpec] = {}
+        for name, spec in routes.functions.items():
+            wanted[(name, None)] = spec
+            if name in ordered:
+                for lane in range(self._deps.settings.ordered_lanes):
+                    wanted[(name, lane)] = spec
+        return wanted
 
     async def stop(self, grace: float) -> None:
         """Stop fetching, let in-flight calls finish within ``grace`` s, hand back the rest."""
@@ -125,10 +140,9 @@ class Dispatcher:
                 log.info("binding_released", binding=binding, invocations=moved)
 
     async def refresh_depths(self) -> None:
-        for name in list(self._workers):
+        for name in {function for function, _ in self._workers}:
             depth = await self._deps.queue.depth(name)
-            if depth is not None:
-                self._deps.metrics.queue_depth.labels(name).set(depth)
+            self._deps.metrics.queue_depth.labels(name).set(depth)
 
 
 class _Deps:
@@ -155,9 +169,13 @@ class _Deps:
 
 
 class FunctionWorker:
-    def __init__(self, name: str, spec: FunctionSpec, deps: _Deps) -> None:
+    """Pulls one consumer: the function's (up to ``maxConcurrency`` calls at once) or one of
+    its ordered lanes (one call at a time, so one key's events stay in order)."""
+
+    def __init__(self, name: str, spec: FunctionSpec, deps: _Deps, lane: int | None = None) -> None:
         self.name = name
         self.spec = spec
+        self.lane = lane
         self._deps = deps
         self._in_flight: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
@@ -171,6 +189,10 @@ class FunctionWorker:
         self._retried = m.invocations.labels(name, "retried")
         self._retries = m.retries.labels(name)
         self._duration = m.duration.labels(name)
+
+    @property
+    def limit(self) -> int:
+        return self.spec.max_concurrency if self.lane is None else 1
 
     def start(self) -> None:
         self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"fetch:{self.name}")
@@ -196,21 +218,31 @@ class FunctionWorker:
         while True:
             puller = None
             try:
-                puller = await self._deps.queue.puller(self.name)
+                puller = await self._deps.queue.puller(self.name, self.lane)
                 while True:
-                    await self._pull_once(puller)
-                    failures = 0
+                    started = time.monotonic()
+                    if await self._pull_once(puller) or time.monotonic() - started > 1.0:
+                        failures = 0
+                        continue
+                    # Refused at once (no consumer, no JetStream): back off, and make sure
+                    # the consumer exists, in case the stream was recreated meanwhile.
+                    raise ConnectionError("the pull request was refused")
             except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                 failures += 1
                 log.warning("pull_failed", function=self.name, error=str(exc) or repr(exc))
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                with contextlib.suppress(DependencyDown):
+                    await self._deps.queue.ensure_consumer(
+                        self.name, self.spec.max_concurrency, self.lane
+                    )
             finally:
                 if puller is not None:
                     await asyncio.shield(puller.close())
 
-    async def _pull_once(self, puller: Puller) -> None:
+    async def _pull_once(self, puller: Puller) -> int:
         """One pull request for as many messages as there is room for (one under a rate
-        limit, after waiting for its slot); each message is dispatched as it arrives."""
+        limit, after waiting for its slot); each message is dispatched as it arrives.
+        Returns how many came."""
         room = await self._wait_for_room()
         if self.spec.rate_limit is not None:
             wait = await self._deps.limiter.reserve(self.name, self.spec.rate_limit)
@@ -218,18 +250,20 @@ class FunctionWorker:
                 await asyncio.sleep(wait)
             room = 1
         await puller.request(room, expires=_PULL_EXPIRES, heartbeat=_PULL_HEARTBEAT)
-        while room > 0:
+        taken = 0
+        while taken < room:
             msg = await puller.next(wait=_PULL_HEARTBEAT * 3)
             if msg is END or msg is None:
-                return
-            room -= 1
+                break
+            taken += 1
             self._spawn(msg)
+        return taken
 
     async def _wait_for_room(self) -> int:
-        while len(self._in_flight) >= self.spec.max_concurrency:
+        while len(self._in_flight) >= self.limit:
             self._room.clear()
             await self._room.wait()
-        return self.spec.max_concurrency - len(self._in_flight)
+        return self.limit - len(self._in_flight)
 
     def _spawn(self, msg: Msg) -> None:
         task = asyncio.create_task(self._handle(msg))

@@ -61,6 +61,7 @@ class Ingress:
                 traceparent=trace.traceparent or new_traceparent(),
                 tracestate=trace.tracestate,
                 held=route.paused,
+                ordering_key=event.attributes.get("partitionkey", "") if route.ordered else None,
             )
             for event in events
             for route in routes.match(source, event)
@@ -84,7 +85,7 @@ class Ingress:
         for route in self._router.routes.bindings_of(source):
             cached = self._depths.get(route.function)
             if cached is None or now - cached[0] > _DEPTH_TTL:
-                cached = (now, await self._queue.depth(route.function) or 0)
+                cached = (now, await self._queue.depth(route.function))
                 self._depths[route.function] = cached
             if cached[1] >= limit:
                 return True

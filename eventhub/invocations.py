@@ -10,6 +10,7 @@ for byte. eventhub's own headers ride beside them:
 ``Eh-Binding``         the binding that matched (absent for direct invocations)
 ``Eh-Callback``        URL that receives the outcome (``X-Callback-Url``)
 ``Eh-Dead-Letter``     set on a delivery to a dead-letter function: the dead letter's id
+``Eh-Ordering-Key``    set by an ordered binding: the event's ``partitionkey`` (may be empty)
 ``traceparent``        W3C trace context, passed on to the function
 =====================  ==========================================================================
 
@@ -33,6 +34,7 @@ H_FUNCTION = "Eh-Function"
 H_BINDING = "Eh-Binding"
 H_CALLBACK = "Eh-Callback"
 H_DEAD_LETTER = "Eh-Dead-Letter"
+H_ORDERING_KEY = "Eh-Ordering-Key"
 H_TRACEPARENT = "traceparent"
 H_TRACESTATE = "tracestate"
 
@@ -60,12 +62,15 @@ class Invocation:
     traceparent: str = field(default_factory=new_traceparent)
     tracestate: str | None = None
     held: bool = False  # its binding is paused: kept aside until the binding resumes
+    ordering_key: str | None = None  # set for an ordered binding
 
     def headers(self) -> dict[str, str]:
         headers = self.event.binary_headers()
         headers[H_MSG_ID] = self.id
         headers[H_FUNCTION] = self.function
         headers[H_TRACEPARENT] = self.traceparent
+        if self.ordering_key is not None:
+            headers[H_ORDERING_KEY] = self.ordering_key
         for name, value in (
             (H_BINDING, self.binding),
             (H_CALLBACK, self.callback_url),
@@ -87,4 +92,5 @@ class Invocation:
             dead_letter_id=headers.get(H_DEAD_LETTER),
             traceparent=headers.get(H_TRACEPARENT) or new_traceparent(),
             tracestate=headers.get(H_TRACESTATE),
+            ordering_key=headers.get(H_ORDERING_KEY),
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 
 from eventhub.errors import DependencyDown, QueueFull
-from eventhub.invocations import H_FUNCTION, H_MSG_ID, Invocation
+from eventhub.invocations import H_FUNCTION, H_MSG_ID, H_ORDERING_KEY, Invocation
 from eventhub.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -73,16 +74,29 @@ class InvocationQueue:
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise DependencyDown(f"JetStream stream setup failed: {exc}") from exc
 
-    async def ensure_consumer(self, function: str, max_concurrency: int) -> None:
-        """Create or update the function's shared consumer."""
+    def _consumer(self, function: str, lane: int | None) -> str:
+        if lane is None:
+            return self._settings.consumer_for(function)
+        return self._settings.ordered_consumer_for(function, lane)
+
+    async def ensure_consumer(
+        self, function: str, max_concurrency: int, lane: int | None = None
+    ) -> None:
+        """Create or update the function's shared consumer, or one of its ordered lanes (one
+        message in flight at a time, across every process)."""
+        name = self._consumer(function, lane)
         config = api.ConsumerConfig(
-            name=self._settings.consumer_for(function),
-            durable_name=self._settings.consumer_for(function),
-            filter_subject=self._settings.subject_for(function),
+            name=name,
+            durable_name=name,
+            filter_subject=(
+                self._settings.subject_for(function)
+                if lane is None
+                else self._settings.ordered_subject_for(function, lane)
+            ),
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=self._settings.ack_wait,
-            max_ack_pending=max_concurrency,
+            max_ack_pending=max_concurrency if lane is None else 1,
             max_deliver=-1,  # eventhub decides when to give up: see eventhub.retry
             max_waiting=_FETCH_WAITING,
         )
@@ -91,23 +105,24 @@ class InvocationQueue:
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise DependencyDown(f"JetStream consumer setup failed for {function}: {exc}") from exc
 
-    async def delete_consumer(self, function: str) -> None:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self._js.delete_consumer(self.stream, self._settings.consumer_for(function))
-
-    async def puller(self, function: str) -> Puller:
-        puller = Puller(self._nc, self.stream, self._settings.consumer_for(function))
+    async def puller(self, function: str, lane: int | None = None) -> Puller:
+        puller = Puller(self._nc, self.stream, self._consumer(function, lane))
         await puller.open()
         return puller
 
     async def publish(self, invocation: Invocation) -> bool:
         """Store one invocation durably; False when JetStream saw it already (duplicate)."""
-        subject = (
-            self._settings.held_subject_for(invocation.binding or "")
-            if invocation.held
-            else self._settings.subject_for(invocation.function)
-        )
+        if invocation.held:
+            subject = self._settings.held_subject_for(invocation.binding or "")
+        else:
+            subject = self._subject(invocation.function, invocation.ordering_key)
         return await self._publish(subject, invocation.event.data, invocation.headers())
+
+    def _subject(self, function: str, ordering_key: str | None) -> str:
+        if ordering_key is None:
+            return self._settings.subject_for(function)
+        lane = zlib.crc32(ordering_key.encode()) % self._settings.ordered_lanes
+        return self._settings.ordered_subject_for(function, lane)
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> bool:
         try:
@@ -174,21 +189,25 @@ class InvocationQueue:
                 for msg in messages:
                     headers = dict(msg.headers or {})
                     headers[H_MSG_ID] = headers.get(H_MSG_ID, "") + "/released"
-                    await self._publish(
-                        self._settings.subject_for(headers[H_FUNCTION]), msg.data, headers
-                    )
+                    subject = self._subject(headers[H_FUNCTION], headers.get(H_ORDERING_KEY))
+                    await self._publish(subject, msg.data, headers)
                     await msg.ack()
                     moved += 1
         finally:
             await sub.unsubscribe()
 
-    async def depth(self, function: str) -> int | None:
-        """Messages waiting or in flight for ``function``; None if it has no consumer yet."""
-        try:
-            info = await self._js.consumer_info(self.stream, self._settings.consumer_for(function))
-        except nats.js.errors.NotFoundError:
-            return None
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+    async def depth(self, function: str) -> int:
+        """Invocations waiting or in flight for ``function``, its ordered lanes included (in a
+        work-queue stream, a message stays until acked: the subject's count is the depth)."""
+        subject = self._settings.subject_for(function)
+        total = 0
+        for subjects_filter in (subject, subject + ".*"):
+            try:
+                info = await self._js.stream_info(self.stream, subjects_filter=subjects_filter)
+            except nats.js.errors.NotFoundError:
+                return 0
+            total += sum((info.state.subjects or {}).values())
+        return total
 
 
 END = None  # what Puller.next returns when a pull request is over

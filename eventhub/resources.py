@@ -111,6 +111,8 @@ class BindingSpec(_Spec):
     function: str = Field(pattern=NAME_PATTERN)
     # Validated by eventhub.filters in parse_resource, which names the exact path.
     filter: list[Any] = Field(default_factory=list)
+    # ordered: events with the same ``partitionkey`` are invoked one after another.
+    ordering: Literal["unordered", "ordered"] = "unordered"
 
 
 SPEC_ADAPTERS: dict[Kind, TypeAdapter[Any]] = {

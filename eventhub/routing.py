@@ -28,6 +28,7 @@ class Route:
     function: str
     matches: Predicate
     paused: bool = False  # a paused binding's invocations are held, not dispatched
+    ordered: bool = False  # same partitionkey: one after another
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,20 @@ class Routes:
         for r in sorted(resources, key=lambda r: r.name):
             if r.kind is Kind.BINDING:
                 spec: BindingSpec = r.model
-                route = Route(r.name, spec.function, compile_filters(spec.filter), r.paused)
+                route = Route(
+                    r.name,
+                    spec.function,
+                    compile_filters(spec.filter),
+                    r.paused,
+                    spec.ordering == "ordered",
+                )
                 by_source.setdefault(spec.source, []).append(route)
         return cls(functions, sources, {k: tuple(v) for k, v in by_source.items()})
+
+    @property
+    def ordered_functions(self) -> set[str]:
+        """Functions that at least one ordered binding targets."""
+        return {r.function for rs in self.by_source.values() for r in rs if r.ordered}
 
     def bindings_of(self, source: str) -> tuple[Route, ...]:
         return self.by_source.get(source, ())

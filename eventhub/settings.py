@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5)
     duplicate_window: Duration = 120.0
     ack_wait: Duration = 30.0
+    # Ordered bindings: keys are spread over this many serial lanes per function.
+    ordered_lanes: int = Field(default=16, ge=1, le=256)
 
     # Dispatcher.
     state_ttl: Duration = 86400.0
@@ -128,6 +130,12 @@ class Settings(BaseSettings):
 
     def subject_for(self, function: str) -> str:
         return f"{self.namespace}.invoke.{function}"
+
+    def ordered_subject_for(self, function: str, bucket: int) -> str:
+        return f"{self.namespace}.invoke.{function}.o{bucket}"
+
+    def ordered_consumer_for(self, function: str, bucket: int) -> str:
+        return f"fn-{function}-o{bucket}"
 
     def held_subject_for(self, binding: str) -> str:
         return f"{self.namespace}.held.{binding}"

@@ -261,7 +261,7 @@ class SourceSupervisor:
 
     async def _update_room(self, runners: list[SourceRunner]) -> None:
         routes = self.router.routes
-        depths: dict[str, int | None] = {}
+        depths: dict[str, int] = {}
         for runner in runners:
             ctx = runner.ctx
             limit = ctx.spec.high_water_mark
@@ -270,7 +270,7 @@ class SourceSupervisor:
                 if route.function not in depths:
                     depths[route.function] = await self.queue.depth(route.function)
                 depth = depths[route.function]
-                full = full or (depth is not None and depth >= limit)
+                full = full or depth >= limit
             if full and ctx.room.is_set():
                 log.info("source_throttled", source=ctx.name, high_water_mark=limit)
                 ctx.room.clear()
