@@ -57,6 +57,7 @@ from eventhub.state import AttemptRecord, InvocationState
 
 log = structlog.get_logger(__name__)
 _PULL_EXPIRES = 30.0
+_RUNNING_AFTER = 0.05
 _PULL_HEARTBEAT = 5.0
 
 
@@ -310,7 +311,6 @@ class FunctionWorker:
             reason = EXPIRED if expired(age, spec.max_event_age) else EXHAUSTED
             await self._give_up(msg, invocation, spec, reason, None, enqueued)
             return
-        await deps.state.running(invocation.id, self.name, attempt)
         started_at = now_rfc3339()
         outcome = await self._call(msg, invocation, spec, attempt)
         record = AttemptRecord.of(attempt, started_at, outcome)
@@ -343,9 +343,15 @@ class FunctionWorker:
         self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int
     ) -> Outcome:
         self._calls[id(msg)] = (msg, time.monotonic())
+        # A call still running after a moment is marked so; a quick one goes straight from
+        # queued to its outcome, which saves a state write per invocation.
+        mark = asyncio.get_running_loop().call_later(
+            _RUNNING_AFTER, self._deps.state.running, invocation.id, self.name, attempt
+        )
         try:
             return await self._deps.invoker.invoke(invocation, spec, attempt)
         finally:
+            mark.cancel()
             del self._calls[id(msg)]
 
     async def _keep_alive(self) -> None:

@@ -138,17 +138,26 @@ class InvocationQueue:
         return not ack.duplicate
 
     async def publish_all(self, invocations: Sequence[Invocation]) -> int:
-        """Publish concurrently; returns how many were new. Raises the first failure after
-        every publish has finished, so a caller never answers before JetStream did."""
+        """Publish concurrently; returns how many were new. Invocations of ordered bindings are
+        published one after another, in the order given, so that the stream keeps their order.
+        Raises the first failure after every publish has finished, so a caller never answers
+        before JetStream did."""
         if len(invocations) == 1:
             return int(await self.publish(invocations[0]))
+        ordered = [i for i in invocations if i.ordering_key is not None]
+
+        async def in_order() -> int:
+            return sum([int(await self.publish(i)) for i in ordered])
+
         results = await asyncio.gather(
-            *(self.publish(i) for i in invocations), return_exceptions=True
+            in_order(),
+            *(self.publish(i) for i in invocations if i.ordering_key is None),
+            return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return sum(1 for r in results if r is True)
+        return sum(int(r) for r in results if not isinstance(r, BaseException))
 
     async def held_bindings(self) -> dict[str, int]:
         """Bindings with invocations held while paused, and how many."""

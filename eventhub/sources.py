@@ -209,6 +209,11 @@ class SourceSupervisor:
         self._lock = asyncio.Lock()
         self._stopped = False
 
+    def runner(self, name: str) -> SourceRunner | None:
+        """The runner of a Source in this process, if it runs here."""
+        entry = self._runners.get(name)
+        return entry[1] if entry else None
+
     async def start(self) -> None:
         self.router.on_change(self._sync)
         await self._sync(self.router.routes)

@@ -118,10 +118,19 @@ class InvocationState:
             nx = ["status", "queued", "createdAt", now, "function", function, "updatedAt", now]
             await self._put(inv_id, _Write(nx, [], []))
 
-    async def running(self, inv_id: str, function: str, attempt: int) -> None:
+    def running(self, inv_id: str, function: str, attempt: int) -> None:
+        """Mark an attempt running; dropped (logged) if the write queue is full: a call that
+        outlives its 'running' mark loses nothing but the mark."""
         now = now_rfc3339()
         always = ["status", "running", "function", function, "attempts", str(attempt)]
-        await self._put(inv_id, _Write(["createdAt", now], [*always, "updatedAt", now], []))
+        try:
+            self._pending.put_nowait(
+                (inv_id, _Write(["createdAt", now], [*always, "updatedAt", now], []))
+            )
+        except asyncio.QueueFull:
+            log.warning("invocation_state_write_dropped", invocation_id=inv_id)
+            return
+        self._idle.clear()
 
     async def finished(self, inv_id: str, status: str, record: AttemptRecord, **extra: str) -> None:
         fields = [
