@@ -52,6 +52,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -358,8 +359,10 @@ def ids_for(prefix: str, n: int) -> list[str]:
     return [f"{prefix}-{i}" for i in range(n)]
 
 
-async def throughput(target: Target, n: int, concurrency: int, recorder: Recorder) -> Row:
-    ids = ids_for(f"{target.name}-tput", n)
+async def throughput(
+    target: Target, n: int, concurrency: int, recorder: Recorder, round_no: int = 0
+) -> Row:
+    ids = ids_for(f"{target.name}-tput{round_no}", n)
     recorder.expect(ids)
     samples = await closed_loop(target, ids, concurrency, recorder)
     await recorder.wait()
@@ -390,23 +393,6 @@ async def warm_up(target: Target, concurrency: int, recorder: Recorder) -> None:
     recorder.expect(ids)
     await closed_loop(target, ids, concurrency, recorder)
     await recorder.wait()
-
-
-async def measure(
-    target: Target, args: argparse.Namespace, recorder: Recorder, profile: Profiler | None
-) -> list[Row]:
-    await warm_up(target, args.concurrency, recorder)
-    print(f"[{target.name}] throughput, {args.events} events at concurrency {args.concurrency}")
-    if profile is not None:
-        profile.start()
-    try:
-        rows = [await throughput(target, args.events, args.concurrency, recorder)]
-    finally:
-        if profile is not None:
-            profile.stop()
-    print(f"[{target.name}] latency, {args.rate:g} events/s for {args.duration:g} s")
-    rows.append(await at_rate(target, args.rate, args.duration, recorder))
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,6 +687,7 @@ class Run:
     function_url: str
     recorder: Recorder = field(default_factory=Recorder)
     children: list[Child] = field(default_factory=list)
+    round_ratios: list[float] = field(default_factory=list)
 
     def child(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         process = Child(name, argv, env)
@@ -714,18 +701,14 @@ class Run:
         return Profiler(child, Path(self.args.profile))
 
 
-async def run_minimal(run: Run) -> list[Row]:
+async def start_minimal(run: Run) -> tuple[Target, Child]:
     port, args = free_port(), run.args
     argv = [sys.executable, SCRIPT, "--serve-minimal", str(port)]
     argv += ["--namespace", run.namespace, "--function-url", run.function_url]
     argv += ["--concurrency", str(args.concurrency), "--nats-url", args.nats_url]
     child = run.child("minimal", argv)
     await child.ready(f"http://127.0.0.1:{port}/")
-    target = Target("minimal", f"http://127.0.0.1:{port}/events")
-    try:
-        return await measure(target, args, run.recorder, run.profiler(child))
-    finally:
-        await child.stop()
+    return Target("minimal", f"http://127.0.0.1:{port}/events"), child
 
 
 def hub_env(run: Run, port: int) -> dict[str, str]:
@@ -756,7 +739,7 @@ async def declare(base_url: str, token: str, kind: str, name: str, spec: dict[st
             raise RuntimeError(f"PUT {kind}/{name}: {response.status} {await response.text()}")
 
 
-async def run_eventhub(run: Run) -> list[Row]:
+async def start_eventhub(run: Run) -> tuple[Target, Child]:
     port, args = free_port(), run.args
     argv = [sys.executable, "-m", "eventhub", "run"]
     child = run.child("eventhub", argv, hub_env(run, port))
@@ -766,11 +749,7 @@ async def run_eventhub(run: Run) -> list[Row]:
     await declare(base, run.token, "functions", FUNCTION, spec)
     await declare(base, run.token, "bindings", BINDING, {"source": "api", "function": FUNCTION})
     auth = {"Authorization": f"Bearer {run.token}"}
-    target = Target("eventhub", f"{base}/v1/events", auth)
-    try:
-        return await measure(target, args, run.recorder, run.profiler(child))
-    finally:
-        await child.stop()
+    return Target("eventhub", f"{base}/v1/events", auth), child
 
 
 async def clean_up(run: Run) -> None:
@@ -825,7 +804,7 @@ def cancel_on_signals() -> None:
         loop.add_signal_handler(sig, on_signal)
 
 
-async def benchmark(args: argparse.Namespace) -> list[Row]:
+async def benchmark(args: argparse.Namespace) -> tuple[list[Row], list[float]]:
     cancel_on_signals()
     port = free_port()
     run = Run(
@@ -834,14 +813,16 @@ async def benchmark(args: argparse.Namespace) -> list[Row]:
     function = await start_function(run.recorder, port)
     print(f"namespace {run.namespace}, function at {run.function_url}")
     try:
-        return await scenarios(run)
+        return await scenarios(run), run.round_ratios
     finally:
         await function.cleanup()
         await clean_up(run)
 
 
-def report(args: argparse.Namespace, rows: list[Row]) -> None:
+def report(args: argparse.Namespace, rows: list[Row], round_ratios: list[float]) -> None:
     ratios = ratios_of({r.name: r for r in rows})
+    if round_ratios:
+        ratios["median per-round ratio eventhub/minimal"] = statistics.median(round_ratios)
     print_table(rows, ratios)
     if args.profile:
         for path in sorted(Path(args.profile).glob("*.collapsed")):
@@ -864,8 +845,41 @@ async def scenarios(run: Run) -> list[Row]:
         rows += await jetstream_alone(nc, run.namespace, args.events, args.concurrency)
     finally:
         await nc.close()
-    rows += await run_minimal(run)
-    rows += await run_eventhub(run)
+    pipelines = [await start_minimal(run), await start_eventhub(run)]
+    return rows + await alternate(run, pipelines)
+
+
+async def alternate(run: Run, pipelines: list[tuple[Target, Child]]) -> list[Row]:
+    """Both pipelines run side by side, measured in turns, ``--rounds`` times: noise that
+    comes and goes on a shared machine then hits both alike. The row named after a pipeline
+    holds its median round; the ratio is the median of the per-round ratios."""
+    args, rows = run.args, []
+    for target, _ in pipelines:
+        await warm_up(target, args.concurrency, run.recorder)
+    rounds: dict[str, list[Row]] = {target.name: [] for target, _ in pipelines}
+    for i in range(args.rounds):
+        for target, child in pipelines:
+            print(f"[{target.name}] round {i + 1}: {args.events} events at {args.concurrency}")
+            profile = run.profiler(child) if i == 0 else None
+            if profile is not None:
+                profile.start()
+            try:
+                row = await throughput(
+                    target, args.events, args.concurrency, run.recorder, round_no=i
+                )
+            finally:
+                if profile is not None:
+                    profile.stop()
+            rounds[target.name].append(row)
+    for results in rounds.values():
+        ordered = sorted(results, key=lambda r: r.rate or 0.0)
+        rows.append(ordered[len(ordered) // 2])
+    pairs = zip(rounds["eventhub"], rounds["minimal"], strict=True)
+    per_round = [e.rate / m.rate for e, m in pairs if e.rate and m.rate]
+    run.round_ratios = per_round
+    for target, _ in pipelines:
+        print(f"[{target.name}] latency, {args.rate:g} events/s for {args.duration:g} s")
+        rows.append(await at_rate(target, args.rate, args.duration, run.recorder))
     return rows
 
 
@@ -880,6 +894,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=500.0, help="events/s of the latency runs")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of each latency run")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight; maxConcurrency")
+    p.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--profile", help="py-spy the pipeline children; collapsed stacks go here")
     p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
@@ -900,11 +915,11 @@ def main() -> None:
         if args.serve_minimal:
             asyncio.run(serve_minimal(args))
             return
-        rows = asyncio.run(benchmark(args))
+        rows, round_ratios = asyncio.run(benchmark(args))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    report(args, rows)
+    report(args, rows, round_ratios)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class Message:
     subject: str | None = None
     time: str | None = None
     extensions: Mapping[str, str] = field(default_factory=dict)
+    attribute_prefix: str = "ce_"  # how the transport names attributes, for error messages
 
 
 def to_events(message: Message, spec: Any, default_type: str) -> list[Event]:
@@ -91,7 +92,7 @@ def _passthrough(message: Message) -> Event | None:
             attributes = dict(message.ce_attributes)
             if message.content_type and "datacontenttype" not in attributes:
                 attributes["datacontenttype"] = message.content_type
-            return from_attributes(attributes, message.payload, "ce_")
+            return from_attributes(attributes, message.payload, message.attribute_prefix)
         media = (message.content_type or "").split(";", 1)[0].strip().lower()
         if media == STRUCTURED:
             return parse_structured(message.payload)

@@ -180,6 +180,7 @@ class RabbitMQConnector:
             subject=message.routing_key or None,
             time=canonical(message.timestamp) if message.timestamp else None,
             extensions=self._extensions(message),
+            attribute_prefix="cloudEvents:",
         )
 
     @staticmethod

@@ -116,7 +116,8 @@ class MQTTSpec(_SourceSpec):
     topics: list[str] = Field(min_length=1)
     qos: Literal[1, 2] = 1
     shared_group: str | None = None  # subscribe as $share/<group>/<filter>
-    client_id: str | None = None  # default: eventhub-<source name>-<host>-<pid slot>
+    # default: eventhub-<source name>; with sharedGroup, -<hostname>-<slot> is appended
+    client_id: str | None = None
     session_expiry: Duration = 3600.0
     username: str | None = None
     password: SecretStr | None = None
