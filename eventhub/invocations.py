@@ -20,7 +20,7 @@ gets the same id, so a redelivered event is deduplicated by JetStream instead of
 
 from __future__ import annotations
 
-import secrets
+import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,8 +47,12 @@ def keyed_invocation_id(function: str, idempotency_key: str) -> str:
     return str(uuid.uuid5(_IDS, f"key\x00{function}\x00{idempotency_key}"))
 
 
+_TRACE_IDS = random.Random()  # noqa: S311 - trace ids must be unique, not secret
+
+
 def new_traceparent() -> str:
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    """A new W3C trace context (from a fast PRNG: a syscall per event showed in profiles)."""
+    return f"00-{_TRACE_IDS.getrandbits(128):032x}-{_TRACE_IDS.getrandbits(64):016x}-01"
 
 
 @dataclass(frozen=True, slots=True)

@@ -208,6 +208,7 @@ class SourceSupervisor:
         self._runners: dict[str, tuple[Resource, SourceRunner]] = {}
         self._lock = asyncio.Lock()
         self._stopped = False
+        self._status_due = False
 
     def runner(self, name: str) -> SourceRunner | None:
         """The runner of a Source in this process, if it runs here."""
@@ -248,6 +249,7 @@ class SourceSupervisor:
             return
         runner = SourceRunner(SourceContext(resource, self), factory(resource))
         self._runners[resource.name] = (resource, runner)
+        self._status_due = True  # show a new source's status without waiting for the period
         runner.start()
         log.info("source_started", source=resource.name, type=resource.model.type)
 
@@ -258,7 +260,8 @@ class SourceSupervisor:
             runners = [runner for _, runner in self._runners.values()]
             with contextlib.suppress(Exception):
                 await self._update_room(runners)
-            if time.monotonic() - last_status >= _STATUS_EVERY:
+            if self._status_due or time.monotonic() - last_status >= _STATUS_EVERY:
+                self._status_due = False
                 with contextlib.suppress(aioredis.RedisError):
                     await self.publish_status(runners)
                 last_status = time.monotonic()
