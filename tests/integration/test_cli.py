@@ -110,3 +110,24 @@ def test_bad_settings_fail_with_one_line(settings: Settings) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "EVENTHUB_NAMESPACE" in result.stderr
+
+
+def test_pause_resume_and_status(settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        FUNCTION.format(name="f1", timeout="5s")
+        + "---\napiVersion: eventhub/v1\nkind: Source\nmetadata: {name: tick}\n"
+        + "spec: {type: cron, schedule: '@every 1m'}\n"
+        + "---\n"
+        + BINDING.replace("source: api", "source: tick")
+    )
+    assert eventhub(settings, "apply", "-f", str(tmp_path)).returncode == 0
+    paused = eventhub(settings, "pause", "binding", "b")
+    assert paused.returncode == 0 and paused.stdout.strip() == "Binding/b paused"
+    assert "paused: true" in eventhub(settings, "get", "bindings", "b", "-o", "yaml").stdout
+    assert eventhub(settings, "resume", "binding", "b").stdout.strip() == "Binding/b resumed"
+    assert eventhub(settings, "pause", "source", "tick").stdout.strip() == "Source/tick paused"
+    status = eventhub(settings, "status", "tick")
+    assert status.returncode == 0
+    assert status.stdout.splitlines()[0] == "Source/tick type=cron paused=true"
+    missing = eventhub(settings, "pause", "source", "nope")
+    assert missing.returncode == 1 and "Source 'nope' does not exist" in missing.stderr
