@@ -48,6 +48,7 @@ from eventhub.store import ResourceStore
 
 log = structlog.get_logger(__name__)
 _DEPTH_INTERVAL = 2.0
+_CLOSE_TIMEOUT = 5.0
 
 
 class Role(StrEnum):
@@ -70,7 +71,7 @@ class Services:
 async def connect(settings: Settings) -> AsyncIterator[Services]:
     async with contextlib.AsyncExitStack() as stack:
         pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
-        stack.push_async_callback(pool.close)
+        stack.push_async_callback(_close_pool, pool)
         try:
             nc = await nats.connect(
                 settings.nats_url.get_secret_value(),
@@ -80,6 +81,7 @@ async def connect(settings: Settings) -> AsyncIterator[Services]:
                 connect_timeout=5,
                 error_cb=_nats_error,
                 allow_reconnect=True,
+                drain_timeout=_CLOSE_TIMEOUT,
             )
         except Exception as exc:
             raise DependencyDown(f"NATS is unreachable: {type(exc).__name__}") from exc
@@ -92,6 +94,15 @@ async def connect(settings: Settings) -> AsyncIterator[Services]:
         )
         stack.push_async_callback(http.close)
         yield Services(pool, nc, client, http)
+
+
+async def _close_pool(pool: Any) -> None:
+    """Close gracefully, but never wait forever for a connection someone still holds."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout=_CLOSE_TIMEOUT)
+    except TimeoutError:
+        log.warning("postgres_pool_terminated")
+        pool.terminate()
 
 
 async def _nats_error(exc: Exception) -> None:
@@ -180,7 +191,9 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         if self._tasks:
-            await asyncio.wait(self._tasks)
+            _, stuck = await asyncio.wait(self._tasks, timeout=_CLOSE_TIMEOUT)
+            if stuck:
+                log.error("tasks_ignored_cancellation", tasks=[t.get_name() for t in stuck])
         log.info("hub_stopped")
 
     async def _start_http(self) -> None:

@@ -328,10 +328,10 @@ class FunctionWorker:
                 await deps.sink.dead_letter_function_done(invocation.dead_letter_id, True, None)
             await msg.ack()
             self._succeeded.inc()
-            await deps.state.finished(invocation.id, "succeeded", record)
+            await deps.state.finished(invocation.id, self.name, "succeeded", record)
             deps.callbacks.send(invocation, "succeeded", outcome)
         elif isinstance(decision, Retry):
-            await deps.state.finished(invocation.id, "retrying", record)
+            await deps.state.finished(invocation.id, self.name, "retrying", record)
             await msg.nak(delay=decision.delay)
             self._retries.inc()
             self._retried.inc()
@@ -382,7 +382,7 @@ class FunctionWorker:
             await msg.ack()
             deps.metrics.invocations.labels(self.name, "failed").inc()
             if last is not None:
-                await deps.state.finished(invocation.id, "failed", last)
+                await deps.state.finished(invocation.id, self.name, "failed", last)
             return
         history = await deps.state.attempts(invocation.id)
         if last is not None:
@@ -415,7 +415,9 @@ class FunctionWorker:
         deps.metrics.invocations.labels(self.name, "dead_lettered").inc()
         log.warning("invocation_dead_lettered", reason=reason, dead_letter_id=dl_id)
         if last is not None:
-            await deps.state.finished(invocation.id, "dead-lettered", last, deadLetterId=dl_id)
+            await deps.state.finished(
+                invocation.id, self.name, "dead-lettered", last, deadLetterId=dl_id
+            )
         last_outcome = (
             Outcome(status=last.status, error=last.error) if last else Outcome(error=reason)
         )

@@ -48,9 +48,17 @@ class Ingress:
         self._depths: dict[str, tuple[float, int]] = {}
 
     async def submit(
-        self, source: str, events: Sequence[Event], trace: Trace = Trace()
+        self,
+        source: str,
+        events: Sequence[Event],
+        trace: Trace = Trace(),
+        *,
+        record_queued: bool = True,
     ) -> list[Invocation]:
-        """Publish one invocation per (event, matching binding); returns them."""
+        """Publish one invocation per (event, matching binding); returns them.
+
+        ``record_queued`` writes their 'queued' state, for callers that hand the ids out (the
+        HTTP API); connectors skip it, and their invocations' state starts at dispatch."""
         routes = self._router.routes
         invocations = [
             Invocation(
@@ -73,7 +81,8 @@ class Ingress:
             self._metrics.events_unrouted.labels(source).inc(unrouted)
         if invocations:
             await self._queue.publish_all(invocations)
-            await self._state.queued([(i.id, i.function) for i in invocations])
+            if record_queued:
+                await self._state.queued([(i.id, i.function) for i in invocations])
             for invocation in invocations:
                 self._metrics.invocations_enqueued.labels(invocation.function).inc()
         return invocations

@@ -48,6 +48,7 @@ _STATUS_EVERY = 5.0
 _STATUS_TTL = 15
 _ROOM_EVERY = 1.0
 _BACKOFF_MAX = 30.0
+_STOP_TIMEOUT = 10.0
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -73,7 +74,7 @@ class SourceContext:
         while True:
             await self.room.wait()
             try:
-                await self.supervisor.ingress.submit(self.name, events)
+                await self.supervisor.ingress.submit(self.name, events, record_queued=False)
             except QueueFull:
                 self.room.clear()  # the room check sets it again once JetStream has space
                 continue
@@ -157,7 +158,9 @@ class SourceRunner:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.wait([self._task])
+            _, stuck = await asyncio.wait([self._task], timeout=_STOP_TIMEOUT)
+            if stuck:
+                log.error("source_ignored_cancellation", source=self.ctx.name)
         self.ctx.state = "stopped"
 
     async def _supervise(self) -> None:

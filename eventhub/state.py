@@ -132,8 +132,12 @@ class InvocationState:
             return
         self._idle.clear()
 
-    async def finished(self, inv_id: str, status: str, record: AttemptRecord, **extra: str) -> None:
+    async def finished(
+        self, inv_id: str, function: str, status: str, record: AttemptRecord, **extra: str
+    ) -> None:
         fields = [
+            "function",
+            function,
             "status",
             status,
             "attempts",
@@ -147,7 +151,8 @@ class InvocationState:
         ]
         for name, value in extra.items():
             fields += [name, value]
-        await self._put(inv_id, _Write([], fields, [orjson.dumps(record.to_json()).decode()]))
+        nx = ["createdAt", record.started_at]  # for invocations that were not marked queued
+        await self._put(inv_id, _Write(nx, fields, [orjson.dumps(record.to_json()).decode()]))
 
     async def _put(self, inv_id: str, write: _Write) -> None:
         self._idle.clear()
