@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -23,18 +23,54 @@ STATUSES = ("dead", "replaying", "resolved")
 _COLUMNS = (
     "id, invocation_id, function, binding, event_source, event_id, event_type, attributes, data,"
     " reason, error_code, error_message, attempts, enqueued_at, failed_at, created_at,"
-    " updated_at, status, replay_count, dead_letter_function, dlf_status, dlf_error, source_name"
+    " updated_at, status, replay_count, dead_letter_function, dlf_status, dlf_error, source_name,"
+    " replay_job"
 )
 
 
 @dataclass(frozen=True)
-class DeadLetterQuery:
+class DeadLetterFilter:
+    """Which dead letters: every field set must match."""
+
     function: str | None = None
     binding: str | None = None
     source: str | None = None
     status: str | None = None
+    error_code: str | None = None
+    reason: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    ids: tuple[str, ...] | None = None
+
+    def where(self, args: list[object]) -> str:
+        """The SQL condition, its parameters appended to ``args``."""
+        clauses: list[str] = []
+        for column, value in (
+            ("function", self.function),
+            ("binding", self.binding),
+            ("source_name", self.source),
+            ("status", self.status),
+            ("error_code", self.error_code),
+            ("reason", self.reason),
+        ):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} = ${len(args)}")
+        if self.since is not None:
+            args.append(self.since)
+            clauses.append(f"failed_at >= ${len(args)}")
+        if self.until is not None:
+            args.append(self.until)
+            clauses.append(f"failed_at < ${len(args)}")
+        if self.ids is not None:
+            args.append(list(self.ids))
+            clauses.append(f"id = any(${len(args)}::uuid[])")
+        return " and ".join(clauses) or "true"
+
+
+@dataclass(frozen=True)
+class DeadLetterQuery:
+    filter: DeadLetterFilter = DeadLetterFilter()
     limit: int = 50
     # Keyset pagination: the (failed_at, id) of the last row of the previous page.
     after: tuple[datetime, str] | None = None
@@ -84,52 +120,205 @@ class DeadLetterStore:
         )
 
     async def get(self, dl_id: str) -> dict[str, Any]:
-        try:
-            row = await self._pool.fetchrow(
-                f"select {_COLUMNS} from dead_letters where id = $1::uuid",  # noqa: S608 - constant
-                dl_id,
-            )
-        except (ValueError, asyncpg.DataError):
-            row = None  # not a UUID: no such dead letter
-        if row is None:
-            raise NotFound(f"dead letter '{dl_id}' does not exist")
-        return to_document(row)
+        return to_document(await self.row(dl_id))
 
-    async def list(self, query: DeadLetterQuery) -> list[dict[str, Any]]:
-        clauses: list[str] = []
-        args: list[object] = []
-        for column, value in (
-            ("function", query.function),
-            ("binding", query.binding),
-            ("source_name", query.source),
-            ("status", query.status),
-        ):
-            if value is not None:
-                args.append(value)
-                clauses.append(f"{column} = ${len(args)}")
-        if query.status is not None and query.status not in STATUSES:
+    async def page(self, query: DeadLetterQuery) -> list[dict[str, Any]]:
+        if query.filter.status is not None and query.filter.status not in STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(STATUSES)}")
-        if query.since is not None:
-            args.append(query.since)
-            clauses.append(f"failed_at >= ${len(args)}")
-        if query.until is not None:
-            args.append(query.until)
-            clauses.append(f"failed_at < ${len(args)}")
+        args: list[object] = []
+        where = query.filter.where(args)
         if query.after is not None:
             args.extend(query.after)
-            clauses.append(f"(failed_at, id) < (${len(args) - 1}, ${len(args)}::uuid)")
-        where = f"where {' and '.join(clauses)}" if clauses else ""
+            where += f" and (failed_at, id) < (${len(args) - 1}, ${len(args)}::uuid)"
         args.append(query.limit)
         rows = await self._pool.fetch(
-            f"select {_COLUMNS} from dead_letters {where}"  # noqa: S608 - built from constants
+            f"select {_COLUMNS} from dead_letters where {where}"  # noqa: S608 - constants
             f" order by failed_at desc, id desc limit ${len(args)}",
             *args,
         )
         return [to_document(r) for r in rows]
 
+    async def count(self, which: DeadLetterFilter) -> int:
+        args: list[object] = []
+        where = which.where(args)
+        sql = f"select count(*) from dead_letters where {where}"  # noqa: S608 - constants
+        return int(await self._pool.fetchval(sql, *args))
+
+    async def purge(self, which: DeadLetterFilter) -> int:
+        """Delete the matching dead letters, except those being replayed right now."""
+        args: list[object] = []
+        where = which.where(args)
+        status = await self._pool.execute(
+            f"delete from dead_letters where {where} and status <> 'replaying'",  # noqa: S608
+            *args,
+        )
+        return int(status.split()[-1])
+
+    async def stats(self, now: datetime) -> dict[str, Any]:
+        async with self._pool.acquire() as conn:
+            total = await conn.fetchrow(
+                "select count(*) as n, min(failed_at) as oldest, max(failed_at) as newest"
+                " from dead_letters where status <> 'resolved'"
+            )
+            by_function = await conn.fetch(
+                "select coalesce(function, '') as function, count(*) as n from dead_letters"
+                " where status <> 'resolved' group by 1 order by 2 desc"
+            )
+            by_error = await conn.fetch(
+                "select coalesce(function, '') as function, error_code, reason, count(*) as n"
+                " from dead_letters where status <> 'resolved'"
+                " group by 1, 2, 3 order by 4 desc limit 200"
+            )
+            hourly = await conn.fetch(
+                "select coalesce(function, '') as function,"
+                " date_trunc('hour', failed_at) as hour, count(*) as n from dead_letters"
+                " where failed_at >= $1 group by 1, 2 order by 2",
+                now - timedelta(hours=24),
+            )
+        return {
+            "total": total["n"],
+            "oldest": _iso(total["oldest"]) if total["oldest"] else None,
+            "newest": _iso(total["newest"]) if total["newest"] else None,
+            "byFunction": [{"function": r["function"], "count": r["n"]} for r in by_function],
+            "byError": [
+                {
+                    "function": r["function"],
+                    "errorCode": r["error_code"],
+                    "reason": r["reason"],
+                    "count": r["n"],
+                }
+                for r in by_error
+            ],
+            "hourly": [
+                {"function": r["function"], "hour": _iso(r["hour"]), "count": r["n"]}
+                for r in hourly
+            ],
+        }
+
+    async def begin_replay(self, dl_id: str, job_id: str) -> Any:
+        """Mark a dead letter as being replayed by ``job_id``; its row, or None when it is
+        being replayed already (one replay at a time) or is gone."""
+        # The same job may take it again: it was interrupted between this and the publish.
+        sql = (
+            "update dead_letters set status = 'replaying', replay_job = $2, updated_at = now(),"  # noqa: S608
+            " replay_count = replay_count"
+            "   + case when status = 'replaying' and replay_job = $2 then 0 else 1 end"
+            " where id = $1 and (status <> 'replaying' or replay_job = $2)"
+            f" returning {_COLUMNS}"
+        )
+        return await self._pool.fetchrow(sql, dl_id, job_id)
+
+    async def abandon_replay(self, dl_id: str) -> None:
+        """The dead letter could not be replayed (no function to send it to): as it was."""
+        await self._pool.execute(
+            "update dead_letters set status = 'dead', updated_at = now()"
+            " where id = $1 and status = 'replaying'",
+            dl_id,
+        )
+
+    async def replay_finished(
+        self, dl_id: str, ok: bool, attempts: list[dict[str, Any]], error: tuple[str, str] | None
+    ) -> str | None:
+        """Resolve the dead letter, or append the replay's attempts to it, and count the
+        outcome on its replay job; returns the job."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await self._finish_replay(conn, dl_id, ok, attempts, error)
+            job = str(row["replay_job"]) if row and row["replay_job"] else None
+            if job is not None:
+                column = "succeeded" if ok else "failed"
+                await conn.execute(
+                    f"update replay_jobs set {column} = {column} + 1, updated_at = now()"  # noqa: S608
+                    " where id = $1",
+                    job,
+                )
+        return job
+
+    @staticmethod
+    async def _finish_replay(
+        conn: Any,
+        dl_id: str,
+        ok: bool,
+        attempts: list[dict[str, Any]],
+        error: tuple[str, str] | None,
+    ) -> Any:
+        if ok:
+            return await conn.fetchrow(
+                "update dead_letters set status = 'resolved', updated_at = now(),"
+                " attempts = attempts || $2::jsonb where id = $1 returning replay_job",
+                dl_id,
+                orjson.dumps(attempts).decode(),
+            )
+        code, message = error or ("error", "")
+        return await conn.fetchrow(
+            "update dead_letters set status = 'dead', updated_at = now(), failed_at = now(),"
+            " attempts = attempts || $2::jsonb, error_code = $3, error_message = $4"
+            " where id = $1 returning replay_job",
+            dl_id,
+            orjson.dumps(attempts).decode(),
+            code,
+            message,
+        )
+
+    async def apply_retention(self, max_age: float, max_count: int) -> int:
+        """Delete dead letters older than ``max_age`` seconds, then beyond the newest
+        ``max_count`` (0: no limit); never those being replayed."""
+        removed = 0
+        if max_age > 0:
+            status = await self._pool.execute(
+                "delete from dead_letters where failed_at < now() - make_interval(secs => $1)"
+                " and status <> 'replaying'",
+                max_age,
+            )
+            removed += int(status.split()[-1])
+        if max_count > 0:
+            status = await self._pool.execute(
+                "delete from dead_letters where status <> 'replaying' and id in ("
+                " select id from dead_letters order by failed_at desc, id desc offset $1)",
+                max_count,
+            )
+            removed += int(status.split()[-1])
+        return removed
+
+    async def mark_dead_letter_function_pending(self, dl_id: str) -> None:
+        await self._pool.execute(
+            "update dead_letters set dlf_status = 'pending', dlf_error = null, updated_at = now()"
+            " where id = $1",
+            dl_id,
+        )
+
+    async def row(self, dl_id: str) -> Any:
+        try:
+            row = await self._pool.fetchrow(
+                f"select {_COLUMNS} from dead_letters where id = $1::uuid",  # noqa: S608
+                dl_id,
+            )
+        except (ValueError, asyncpg.DataError):
+            row = None
+        if row is None:
+            raise NotFound(f"dead letter '{dl_id}' does not exist")
+        return row
+
 
 def event_of(row: Any) -> Event:
     return Event(orjson.loads(row["attributes"]), bytes(row["data"]))
+
+
+def record_of(row: Any) -> DeadLetterRecord:
+    return DeadLetterRecord(
+        id=str(row["id"]),
+        invocation_id=row["invocation_id"],
+        function=row["function"],
+        binding=row["binding"],
+        event=event_of(row),
+        reason=row["reason"],
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        attempts=orjson.loads(row["attempts"]),
+        enqueued_at=row["enqueued_at"],
+        failed_at=row["failed_at"],
+        dead_letter_function=row["dead_letter_function"],
+        source_name=row["source_name"],
+    )
 
 
 def to_document(row: Any) -> dict[str, Any]:
@@ -150,6 +339,7 @@ def to_document(row: Any) -> dict[str, Any]:
         "createdAt": _iso(row["created_at"]),
         "updatedAt": _iso(row["updated_at"]),
         "replayCount": row["replay_count"],
+        "replayJob": str(row["replay_job"]) if row["replay_job"] else None,
         "deadLetterFunction": {
             "name": row["dead_letter_function"],
             "status": row["dlf_status"],

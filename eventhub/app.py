@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Any
 
 import aiohttp
+import asyncpg
 import nats
 import nats.errors
 import nats.js.errors
@@ -28,6 +29,7 @@ import structlog
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
+from dlq.replay import ReplayJobs, ReplayRunner
 from dlq.store import DeadLetterStore
 from eventhub import db
 from eventhub.api.app import build as build_api
@@ -42,13 +44,15 @@ from eventhub.queue import InvocationQueue
 from eventhub.ratelimit import RateLimiter
 from eventhub.routing import Router
 from eventhub.settings import Settings
-from eventhub.sources import ConnectorFactory, SourceSupervisor
+from eventhub.sources import PROCESS_ID, ConnectorFactory, SourceSupervisor
 from eventhub.state import InvocationState
 from eventhub.store import ResourceStore
 
 log = structlog.get_logger(__name__)
 _DEPTH_INTERVAL = 2.0
 _CLOSE_TIMEOUT = 5.0
+_RETENTION_EVERY = 300.0
+_RETENTION_LOCK = 0x6576656E74687562  # "eventhub"
 
 
 class Role(StrEnum):
@@ -135,6 +139,7 @@ class Hub:
         self.queue = InvocationQueue(services.nc, settings)
         self.state = InvocationState(services.redis, settings.namespace, settings.state_ttl)
         self.dead_letters = DeadLetterStore(services.pool)
+        self.replays = ReplayJobs(services.pool, self.dead_letters)
         self.ingress = Ingress(self.router, self.queue, self.state, self.metrics)
         self.callbacks = Callbacks(services.http)
         self.dispatcher = Dispatcher(
@@ -164,6 +169,13 @@ class Hub:
         self.port: int | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()  # whatever did start is stopped again
+            raise
+
+    async def _start(self) -> None:
         await db.migrate(self.services.pool, self.settings.namespace)
         await self.queue.ensure_stream()
         await self.router.reload()
@@ -172,6 +184,8 @@ class Hub:
         if Role.DISPATCH in self.roles:
             await self.dispatcher.start()
             self._own(self._watch_depths())
+            self._own(self._replay_runner().run())
+            self._own(self._apply_retention())
         if Role.INGEST in self.roles:
             await self.supervisor.start()
             self._own(self.supervisor.watch())
@@ -206,6 +220,7 @@ class Hub:
             ingress=self.ingress,
             state=self.state,
             dead_letters=self.dead_letters,
+            replays=self.replays,
             redis=self.services.redis,
             checks={
                 "postgres": self._check_postgres,
@@ -241,6 +256,35 @@ class Hub:
             except (DependencyDown, nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("housekeeping_failed", error=str(exc) or repr(exc))
             await asyncio.sleep(_DEPTH_INTERVAL)
+
+    def _replay_runner(self) -> ReplayRunner:
+        started = self.metrics.replays.labels("published")
+        return ReplayRunner(
+            pool=self.services.pool,
+            store=self.dead_letters,
+            publisher=self.queue,
+            functions=lambda: self.router.routes.functions,
+            owner=PROCESS_ID,
+            on_published=started.inc,
+        )
+
+    async def _apply_retention(self) -> None:
+        """Every few minutes, in one process at a time (an advisory lock decides)."""
+        while True:
+            await asyncio.sleep(_RETENTION_EVERY)
+            try:
+                async with self.services.pool.acquire() as conn:
+                    if await conn.fetchval("select pg_try_advisory_lock($1)", _RETENTION_LOCK):
+                        try:
+                            removed = await self.dead_letters.apply_retention(
+                                self.settings.dlq_retention, self.settings.dlq_max_count
+                            )
+                        finally:
+                            await conn.execute("select pg_advisory_unlock($1)", _RETENTION_LOCK)
+                        if removed:
+                            log.info("dead_letters_expired", removed=removed)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("retention_failed", error=str(exc) or repr(exc))
 
     async def _check_postgres(self) -> None:
         await self.services.pool.fetchval("select 1")

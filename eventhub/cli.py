@@ -7,68 +7,31 @@ prints one line to stderr and exits non-zero; no traceback reaches the user.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import click
 import orjson
 import yaml
-from pydantic import ValidationError
 
 from eventhub import db
-from eventhub.errors import EventhubError
+from eventhub.cli_common import T, fail, handled, load_settings
+from eventhub.cli_dlq import dlq
 from eventhub.logs import configure as configure_logs
 from eventhub.resources import Kind, load_path
 from eventhub.settings import Settings
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-def fail(message: str) -> None:
-    click.echo(f"eventhub: {message}", err=True)
-    sys.exit(2 if message.startswith("usage") else 1)
-
-
-def _settings() -> Settings:
-    try:
-        settings = Settings()
-        configure_logs("warning", "console")  # `run` reconfigures from the settings
-        return settings
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        fail(f"setting EVENTHUB_{field.upper()}: {err['msg']}")
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        fail(f"settings file: {exc}")
-    raise AssertionError("unreachable")
-
-
-def handled(func: Callable[P, T]) -> Callable[P, T]:
-    """Turn the errors a user can cause into one line and an exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return func(*args, **kwargs)
-        except EventhubError as exc:
-            fail(exc.detail)
-        except OSError as exc:
-            fail(str(exc))
-        raise AssertionError("unreachable")
-
-    return wrapper
 
 
 @click.group()
 @click.version_option(package_name="eventhub")
 def main() -> None:
     """eventhub: CloudEvents in, functions invoked at least once, dead letters kept."""
+
+
+main.add_command(dlq)
 
 
 @main.command()
@@ -84,7 +47,7 @@ def run(roles: tuple[str, ...]) -> None:
     """Run the hub: HTTP API, dispatcher and connectors, until SIGTERM."""
     from eventhub.app import Role, serve
 
-    settings = _settings()
+    settings = load_settings()
     configure_logs(settings.log_level, settings.log_format)
     chosen = {Role(r) for r in roles} or set(Role)
     _run_until_signal(lambda stop: serve(settings, chosen, stop))
@@ -113,7 +76,7 @@ def _run_until_signal(main_coro: Callable[[asyncio.Event], Awaitable[None]]) -> 
 @handled
 def migrate() -> None:
     """Apply the database migrations not yet applied."""
-    settings = _settings()
+    settings = load_settings()
 
     async def go() -> list[str]:
         pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
@@ -139,7 +102,7 @@ def apply(path: Path, dry_run: bool, prune: bool, apply_set: str) -> None:
     if not path.exists():
         fail(f"{path}: no such file or folder")
     resources = load_path(path)
-    settings = _settings()
+    settings = load_settings()
     plan = asyncio.run(
         _with_store(
             settings,
@@ -164,7 +127,7 @@ def apply(path: Path, dry_run: bool, prune: bool, apply_set: str) -> None:
 @handled
 def get(kind: str, name: str | None, output: str) -> None:
     """List resources, or show one."""
-    settings = _settings()
+    settings = load_settings()
     k = {x.plural: x for x in Kind}[kind]
 
     async def fetch(store: Any) -> list[Any]:
@@ -203,7 +166,7 @@ def resume(kind: str, name: str) -> None:
 
 
 def _set_paused(kind: str, name: str, *, paused: bool) -> None:
-    settings = _settings()
+    settings = load_settings()
     k = Kind.SOURCE if kind == "source" else Kind.BINDING
     asyncio.run(_with_store(settings, lambda store: store.set_paused(k, name, paused)))
     click.echo(f"{k.value}/{name} {'paused' if paused else 'resumed'}")
@@ -218,7 +181,7 @@ def status(name: str) -> None:
 
     from eventhub.sources import read_status
 
-    settings = _settings()
+    settings = load_settings()
 
     async def go() -> tuple[Any, list[dict[str, Any]]]:
         resource = await _with_store(settings, lambda store: store.get(Kind.SOURCE, name))

@@ -33,8 +33,8 @@ from nats.aio.msg import Msg
 
 from eventhub.callbacks import Callbacks
 from eventhub.errors import DependencyDown
-from eventhub.events import Event, now_rfc3339
-from eventhub.invocations import Invocation
+from eventhub.events import now_rfc3339
+from eventhub.invocations import Invocation, to_dead_letter_function
 from eventhub.invoker import Invoker
 from eventhub.metrics import Metrics
 from eventhub.ports import DeadLetterRecord, DeadLetterSink, dead_letter_id
@@ -326,6 +326,11 @@ class FunctionWorker:
         if isinstance(decision, Ack):
             if invocation.dead_letter_id:
                 await deps.sink.dead_letter_function_done(invocation.dead_letter_id, True, None)
+            if invocation.replay_of:
+                await deps.sink.replay_finished(
+                    invocation.replay_of, True, [record.to_json()], None
+                )
+                deps.metrics.replays.labels("succeeded").inc()
             await msg.ack()
             self._succeeded.inc()
             await deps.state.finished(invocation.id, self.name, "succeeded", record)
@@ -387,6 +392,15 @@ class FunctionWorker:
         history = await deps.state.attempts(invocation.id)
         if last is not None:
             history.append(last.to_json())
+        if invocation.replay_of:
+            # A replay that failed: its attempts go to the dead letter it replayed, no new row.
+            failure = (_error_code(last, reason), _error_message(last, reason))
+            await deps.sink.replay_finished(invocation.replay_of, False, history, failure)
+            await msg.ack()
+            deps.metrics.replays.labels("failed").inc()
+            if last is not None:
+                await deps.state.finished(invocation.id, self.name, "dead-lettered", last)
+            return
         dl_id = dead_letter_id(invocation.id)
         record = DeadLetterRecord(
             id=dl_id,
@@ -405,7 +419,15 @@ class FunctionWorker:
         await deps.sink.store(record)
         if record.dead_letter_function:
             try:
-                await deps.queue.publish(_to_dead_letter_function(record, spec, invocation))
+                await deps.queue.publish(
+                    to_dead_letter_function(
+                        record,
+                        spec.url,
+                        dead_letter_id(record.id),
+                        traceparent=invocation.traceparent,
+                        tracestate=invocation.tracestate,
+                    )
+                )
             except Exception:
                 # The dead letter is stored; the message stays ours so the delivery is retried.
                 await msg.nak(delay=5.0)
@@ -436,31 +458,3 @@ def _error_message(last: AttemptRecord | None, reason: str) -> str:
     if last.status is not None:
         return f"{reason}: the function answered HTTP {last.status}"
     return f"{reason}: {last.message or last.error}"
-
-
-def _to_dead_letter_function(
-    record: DeadLetterRecord, spec: FunctionSpec, invocation: Invocation
-) -> Invocation:
-    """The original event with error extensions (Knative's knativeerror* are the model)."""
-    import base64
-
-    last = record.attempts[-1] if record.attempts else {}
-    extensions = {
-        "eventhuberrorcode": record.error_code,
-        "eventhuberrordest": spec.url,
-        "eventhuberrordata": base64.b64encode(str(last.get("response") or "").encode()).decode(),
-        "eventhubattempts": str(len(record.attempts)),
-        "eventhubdeadletter": record.id,
-        "eventhubfunction": record.function or "",
-        "eventhubreason": record.reason,
-    }
-    event: Event = record.event.with_extensions(**extensions)
-    return Invocation(
-        id=dead_letter_id(record.id),
-        function=record.dead_letter_function or "",
-        event=event,
-        binding=record.binding,
-        dead_letter_id=record.id,
-        traceparent=invocation.traceparent,
-        tracestate=invocation.tracestate,
-    )

@@ -87,6 +87,10 @@ class Ingress:
                 self._metrics.invocations_enqueued.labels(invocation.function).inc()
         return invocations
 
+    async def enqueue(self, invocation: Invocation) -> bool:
+        """One prepared invocation (a replay, a re-send), durably; False if a duplicate."""
+        return await self._queue.publish(invocation)
+
     async def above_high_water(self, source: str, limit: int) -> bool:
         """Whether a function bound to ``source`` has ``limit`` or more invocations waiting
         (depths cached for a second, so a busy webhook costs one lookup per function per s)."""

@@ -11,6 +11,7 @@ for byte. eventhub's own headers ride beside them:
 ``Eh-Callback``        URL that receives the outcome (``X-Callback-Url``)
 ``Eh-Dead-Letter``     set on a delivery to a dead-letter function: the dead letter's id
 ``Eh-Ordering-Key``    set by an ordered binding: the event's ``partitionkey`` (may be empty)
+``Eh-Replay-Of``       set on a replay: the dead letter it replays
 ``traceparent``        W3C trace context, passed on to the function
 =====================  ==========================================================================
 
@@ -20,12 +21,14 @@ gets the same id, so a redelivered event is deduplicated by JetStream instead of
 
 from __future__ import annotations
 
+import base64
 import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from eventhub.events import Event
+from eventhub.ports import DeadLetterRecord
 
 _IDS = uuid.UUID("6f1c2f7e-3a0b-4c55-9a52-5e0c6b1de001")
 
@@ -35,6 +38,7 @@ H_BINDING = "Eh-Binding"
 H_CALLBACK = "Eh-Callback"
 H_DEAD_LETTER = "Eh-Dead-Letter"
 H_ORDERING_KEY = "Eh-Ordering-Key"
+H_REPLAY_OF = "Eh-Replay-Of"
 H_TRACEPARENT = "traceparent"
 H_TRACESTATE = "tracestate"
 
@@ -67,6 +71,7 @@ class Invocation:
     tracestate: str | None = None
     held: bool = False  # its binding is paused: kept aside until the binding resumes
     ordering_key: str | None = None  # set for an ordered binding
+    replay_of: str | None = None  # the dead letter this invocation replays
 
     def headers(self) -> dict[str, str]:
         headers = self.event.binary_headers()
@@ -79,6 +84,7 @@ class Invocation:
             (H_BINDING, self.binding),
             (H_CALLBACK, self.callback_url),
             (H_DEAD_LETTER, self.dead_letter_id),
+            (H_REPLAY_OF, self.replay_of),
             (H_TRACESTATE, self.tracestate),
         ):
             if value:
@@ -97,4 +103,36 @@ class Invocation:
             traceparent=headers.get(H_TRACEPARENT) or new_traceparent(),
             tracestate=headers.get(H_TRACESTATE),
             ordering_key=headers.get(H_ORDERING_KEY),
+            replay_of=headers.get(H_REPLAY_OF),
         )
+
+
+def to_dead_letter_function(
+    record: DeadLetterRecord,
+    function_url: str,
+    invocation_id: str,
+    *,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+) -> Invocation:
+    """The delivery of a dead letter to its dead-letter function: the original event with
+    error extensions (Knative's ``knativeerror*`` are the model)."""
+    last = record.attempts[-1] if record.attempts else {}
+    extensions = {
+        "eventhuberrorcode": record.error_code,
+        "eventhuberrordest": function_url,
+        "eventhuberrordata": base64.b64encode(str(last.get("response") or "").encode()).decode(),
+        "eventhubattempts": str(len(record.attempts)),
+        "eventhubdeadletter": record.id,
+        "eventhubfunction": record.function or "",
+        "eventhubreason": record.reason,
+    }
+    return Invocation(
+        id=invocation_id,
+        function=record.dead_letter_function or "",
+        event=record.event.with_extensions(**extensions),
+        binding=record.binding,
+        dead_letter_id=record.id,
+        traceparent=traceparent or new_traceparent(),
+        tracestate=tracestate,
+    )

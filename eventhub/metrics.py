@@ -46,6 +46,12 @@ class Metrics:
             ["function", "reason"],
             registry=r,
         )
+        self.replays = Counter(
+            "eventhub_replays",
+            "Dead-letter replays, by stage (started, succeeded, failed)",
+            ["stage"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "eventhub_queue_depth",
             "Invocations waiting or in flight, by function",

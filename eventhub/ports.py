@@ -46,6 +46,11 @@ class DeadLetterSink(Protocol):
     async def dead_letter_function_done(self, dl_id: str, ok: bool, error: str | None) -> None:
         """Record the outcome of the delivery to the dead-letter function."""
 
+    async def replay_finished(
+        self, dl_id: str, ok: bool, attempts: list[dict[str, Any]], error: tuple[str, str] | None
+    ) -> str | None:
+        """A replay of dead letter ``dl_id`` is over: resolve it, or append the attempts."""
+
 
 class Connector(Protocol):
     """A source's connection to its transport. ``run`` consumes until cancelled, handing each

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
 
     # Dispatcher.
     state_ttl: Duration = 86400.0
+    # Dead letters older than this are deleted (0: kept); beyond the newest N too (0: no limit).
+    dlq_retention: Duration = 30 * 86400.0
+    dlq_max_count: int = Field(default=0, ge=0)
     shutdown_timeout: Duration = 30.0
 
     # Logging.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from eventhub.api import deadletters, health, ingress, middleware, resources, webhooks
+from eventhub.api import deadletters, health, ingress, middleware, resources, ui, webhooks
 from eventhub.api.context import CONTEXT, ApiContext
 
 
@@ -21,4 +21,5 @@ def build(ctx: ApiContext, *, v1: bool = True) -> web.Application:
         resources.add_routes(app)
         deadletters.add_routes(app)
         webhooks.add_routes(app)
+        ui.add_routes(app)
     return app

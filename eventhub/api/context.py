@@ -9,6 +9,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from dlq.replay import ReplayJobs
 from dlq.store import DeadLetterStore
 from eventhub.ingress import Ingress
 from eventhub.metrics import Metrics
@@ -29,6 +30,7 @@ class ApiContext:
     ingress: Ingress
     state: InvocationState
     dead_letters: DeadLetterStore
+    replays: ReplayJobs
     redis: aioredis.Redis
     checks: dict[str, Check] = field(default_factory=dict)
 

@@ -1,20 +1,57 @@
-"""``GET /v1/dead-letters`` (filters: function, binding, status, since, until; keyset pages of
-``limit`` rows with ``nextCursor``) and ``GET /v1/dead-letters/{id}``."""
+"""Dead letters for operators (scope ``dlq``).
+
+=============================================  ================================================
+``GET /v1/dead-letters``                       filters, keyset pages (``limit``, ``nextCursor``)
+``GET /v1/dead-letters/stats``                 counts by function and error, oldest, newest,
+                                               hourly counts of the last 24 h
+``GET /v1/dead-letters/{id}``                  one dead letter
+``POST /v1/dead-letters/replay``               ``{"ids"}`` or ``{"filter"}``, ``to``, ``rate``,
+                                               ``dryRun``: 200 preview, or 202 with the job
+``POST /v1/dead-letters/purge``                ``{"ids"}`` or ``{"filter"}``, ``dryRun``
+``POST /v1/dead-letters/{id}/resend``          send it to the dead-letter function again
+``GET /v1/replay-jobs[/{id}]``                 replay jobs and their progress
+``POST /v1/replay-jobs/{id}/cancel``           stop a replay job
+=============================================  ================================================
+
+Filters, as query parameters or as the ``filter`` object of a body: ``function``, ``binding``,
+``source``, ``status``, ``errorCode``, ``reason``, ``since``, ``until`` (RFC 3339).
+"""
 
 from __future__ import annotations
 
 import base64
+import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from dlq.store import STATUSES, DeadLetterQuery, DeadLetterStore
+from dlq.replay import ReplayPlan
+from dlq.store import STATUSES, DeadLetterFilter, DeadLetterQuery, DeadLetterStore, record_of
 from eventhub.api.context import CONTEXT, requires
-from eventhub.errors import FieldProblem, InvalidInput
+from eventhub.errors import Conflict, FieldProblem, InvalidInput
+from eventhub.invocations import to_dead_letter_function
 from eventhub.settings import Scope
+from eventhub.units import parse_rate
 
 _MAX_LIMIT = 500
+DEFAULT_REPLAY_RATE = "50/s"
+_FILTER_FIELDS = {
+    "function": "function",
+    "binding": "binding",
+    "source": "source",
+    "status": "status",
+    "errorCode": "error_code",
+    "reason": "reason",
+}
+
+
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
 
 
 def _store(request: web.Request) -> DeadLetterStore:
@@ -25,15 +62,37 @@ def _bad(field: str, message: str) -> InvalidInput:
     return InvalidInput(f"{field}: {message}", problems=(FieldProblem(field, message),))
 
 
-def _time(request: web.Request, name: str) -> datetime | None:
-    raw = request.query.get(name)
+def _time(raw: object, field: str) -> datetime | None:
     if raw is None:
         return None
     try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        value = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
     except ValueError:
-        raise _bad(name, "must be an RFC 3339 time such as 2024-05-01T12:00:00Z") from None
+        raise _bad(field, "must be an RFC 3339 time such as 2024-05-01T12:00:00Z") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def filter_of(values: Mapping[str, Any], prefix: str = "") -> DeadLetterFilter:
+    """A filter from query parameters or a body's ``filter``; ``prefix`` names the fields."""
+    unknown = [k for k in values if k not in (*_FILTER_FIELDS, "since", "until")]
+    if prefix and unknown:
+        raise _bad(
+            prefix + unknown[0],
+            "is not a filter (function, binding, source, status, errorCode, reason, since, until)",
+        )
+    fields: dict[str, Any] = {}
+    for name, attribute in _FILTER_FIELDS.items():
+        value = values.get(name)
+        if value is not None and not isinstance(value, str):
+            raise _bad(prefix + name, "must be a string")
+        fields[attribute] = value
+    if fields["status"] is not None and fields["status"] not in STATUSES:
+        raise _bad(prefix + "status", f"must be one of {', '.join(STATUSES)}")
+    return DeadLetterFilter(
+        **fields,
+        since=_time(values.get("since"), prefix + "since"),
+        until=_time(values.get("until"), prefix + "until"),
+    )
 
 
 def _cursor(raw: str | None) -> tuple[datetime, str] | None:
@@ -48,31 +107,20 @@ def _cursor(raw: str | None) -> tuple[datetime, str] | None:
 
 def query_of(request: web.Request) -> DeadLetterQuery:
     q = request.query
-    status = q.get("status")
-    if status is not None and status not in STATUSES:
-        raise _bad("status", f"must be one of {', '.join(STATUSES)}")
     try:
         limit = int(q.get("limit", "50"))
     except ValueError:
         raise _bad("limit", "must be an integer") from None
     if not 1 <= limit <= _MAX_LIMIT:
         raise _bad("limit", f"must be between 1 and {_MAX_LIMIT}")
-    return DeadLetterQuery(
-        function=q.get("function"),
-        binding=q.get("binding"),
-        source=q.get("source"),
-        status=status,
-        since=_time(request, "since"),
-        until=_time(request, "until"),
-        limit=limit,
-        after=_cursor(q.get("cursor")),
-    )
+    which = {k: v for k, v in q.items() if k not in ("limit", "cursor")}
+    return DeadLetterQuery(filter=filter_of(which), limit=limit, after=_cursor(q.get("cursor")))
 
 
 @requires(Scope.DLQ)
 async def list_dead_letters(request: web.Request) -> web.Response:
     query = query_of(request)
-    items = await _store(request).list(query)
+    items = await _store(request).page(query)
     next_cursor = None
     if len(items) == query.limit:
         last = items[-1]
@@ -80,18 +128,119 @@ async def list_dead_letters(request: web.Request) -> web.Response:
         next_cursor = base64.urlsafe_b64encode(
             f"{failed_at.isoformat()}|{last['id']}".encode()
         ).decode()
-    return web.Response(
-        body=orjson.dumps({"items": items, "nextCursor": next_cursor}),
-        content_type="application/json",
-    )
+    return _json({"items": items, "nextCursor": next_cursor})
 
 
 @requires(Scope.DLQ)
 async def get_dead_letter(request: web.Request) -> web.Response:
-    doc = await _store(request).get(request.match_info["id"])
-    return web.Response(body=orjson.dumps(doc), content_type="application/json")
+    return _json(await _store(request).get(request.match_info["id"]))
+
+
+@requires(Scope.DLQ)
+async def stats(request: web.Request) -> web.Response:
+    return _json(await _store(request).stats(datetime.now(UTC)))
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object")
+    return body
+
+
+def _selection(body: Mapping[str, Any]) -> DeadLetterFilter:
+    """``{"ids": [...]}`` or ``{"filter": {...}}`` (an empty filter selects everything)."""
+    if "ids" in body and "filter" in body:
+        raise _bad("ids", "give ids or filter, not both")
+    if "ids" in body:
+        ids = body["ids"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise _bad("ids", "must be a non-empty list of dead-letter ids")
+        return DeadLetterFilter(ids=tuple(ids))
+    which = body.get("filter", {})
+    if not isinstance(which, dict):
+        raise _bad("filter", "must be an object")
+    return filter_of(which, "filter.")
+
+
+def _dry_run(body: Mapping[str, Any]) -> bool:
+    value = body.get("dryRun", False)
+    if not isinstance(value, bool):
+        raise _bad("dryRun", "must be true or false")
+    return value
+
+
+@requires(Scope.DLQ)
+async def replay(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    body = await _body(request)
+    which = _selection(body)
+    to = body.get("to")
+    if to is not None and not isinstance(to, str):
+        raise _bad("to", "must be a function name")
+    try:
+        rate = parse_rate(str(body.get("rate", DEFAULT_REPLAY_RATE)))
+    except ValueError as exc:
+        raise _bad("rate", str(exc)) from None
+    if _dry_run(body):
+        return _json(await ctx.replays.preview(which))
+    plan = ReplayPlan(which=which, to=to, rate=rate.per_second)
+    job = await ctx.replays.create(plan, ctx.router.routes.functions)
+    ctx.metrics.replays.labels("started").inc(job["total"])
+    return _json({"job": job}, 202, {"Location": f"/v1/replay-jobs/{job['id']}"})
+
+
+@requires(Scope.DLQ)
+async def purge(request: web.Request) -> web.Response:
+    body = await _body(request)
+    which = _selection(body)
+    if _dry_run(body):
+        return _json({"count": await _store(request).count(which)})
+    return _json({"purged": await _store(request).purge(which)})
+
+
+@requires(Scope.DLQ)
+async def resend(request: web.Request) -> web.Response:
+    """Send a dead letter to its dead-letter function again (after it failed, for example)."""
+    ctx = request.app[CONTEXT]
+    store = _store(request)
+    record = record_of(await store.row(request.match_info["id"]))
+    target = record.dead_letter_function
+    if not target or target not in ctx.router.routes.functions:
+        raise Conflict(f"dead letter '{record.id}' has no dead-letter function to send it to")
+    failed = ctx.router.routes.functions.get(record.function or "")
+    await store.mark_dead_letter_function_pending(record.id)
+    invocation = to_dead_letter_function(record, failed.url if failed else "", str(uuid.uuid4()))
+    await ctx.ingress.enqueue(invocation)
+    return _json(await store.get(record.id))
+
+
+@requires(Scope.DLQ)
+async def list_jobs(request: web.Request) -> web.Response:
+    return _json({"items": await request.app[CONTEXT].replays.recent()})
+
+
+@requires(Scope.DLQ)
+async def get_job(request: web.Request) -> web.Response:
+    return _json(await request.app[CONTEXT].replays.get(request.match_info["id"]))
+
+
+@requires(Scope.DLQ)
+async def cancel_job(request: web.Request) -> web.Response:
+    return _json(await request.app[CONTEXT].replays.cancel(request.match_info["id"]))
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/dead-letters", list_dead_letters)
+    app.router.add_get("/v1/dead-letters/stats", stats)
+    app.router.add_post("/v1/dead-letters/replay", replay)
+    app.router.add_post("/v1/dead-letters/purge", purge)
     app.router.add_get("/v1/dead-letters/{id}", get_dead_letter)
+    app.router.add_post("/v1/dead-letters/{id}/resend", resend)
+    app.router.add_get("/v1/replay-jobs", list_jobs)
+    app.router.add_get("/v1/replay-jobs/{id}", get_job)
+    app.router.add_post("/v1/replay-jobs/{id}/cancel", cancel_job)

@@ -131,3 +131,64 @@ def test_pause_resume_and_status(settings: Settings, tmp_path: Path) -> None:
     assert status.stdout.splitlines()[0] == "Source/tick type=cron paused=true"
     missing = eventhub(settings, "pause", "source", "nope")
     assert missing.returncode == 1 and "Source 'nope' does not exist" in missing.stderr
+
+
+def test_dlq_commands(settings: Settings, tmp_path: Path) -> None:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from dlq.store import DeadLetterStore
+    from eventhub import db
+    from eventhub.events import Event
+    from eventhub.ports import DeadLetterRecord, dead_letter_id
+
+    (tmp_path / "f.yaml").write_text(FUNCTION.format(name="f1", timeout="5s"))
+    assert eventhub(settings, "apply", "-f", str(tmp_path)).returncode == 0
+
+    async def seed() -> None:
+        pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
+        try:
+            for i in range(3):
+                now = datetime.now(UTC)
+                attrs = {"specversion": "1.0", "id": f"e{i}", "source": "/s", "type": "t"}
+                await DeadLetterStore(pool).store(
+                    DeadLetterRecord(
+                        id=dead_letter_id(f"i{i}"),
+                        invocation_id=f"i{i}",
+                        function="f1",
+                        binding=None,
+                        event=Event(attrs, b"{}"),
+                        reason="non-retryable",
+                        error_code="http-404",
+                        error_message="gone",
+                        attempts=[{"attempt": 1, "status": 404, "latencyMs": 1.5}],
+                        enqueued_at=now,
+                        failed_at=now,
+                        dead_letter_function=None,
+                    )
+                )
+        finally:
+            await pool.close()
+
+    asyncio.run(seed())
+    listed = eventhub(settings, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "FAILED", "AT"] and len(lines) == 4
+    dl_id = lines[1].split()[0]
+    shown = eventhub(settings, "dlq", "show", dl_id)
+    assert "non-retryable: gone" in shown.stdout and "http-404" not in shown.stderr
+    assert "404" in shown.stdout
+    stats = eventhub(settings, "dlq", "stats")
+    assert stats.stdout.splitlines()[0] == "3 dead letters (not resolved)"
+    dry = eventhub(settings, "dlq", "replay", "--function", "f1", "--dry-run")
+    assert dry.stdout.startswith("3 dead letters would be replayed (dry run)")
+    created = eventhub(settings, "dlq", "replay", dl_id, "--rate", "10/s")
+    assert created.returncode == 0 and "1 dead letters at 10/s" in created.stdout
+    assert "pending" in eventhub(settings, "dlq", "jobs").stdout
+    refused = eventhub(settings, "dlq", "purge", "--function", "f1")
+    assert refused.returncode == 1 and "confirm with --yes" in refused.stderr
+    purged = eventhub(settings, "dlq", "purge", "--function", "f1", "--yes")
+    assert purged.stdout.strip() == "purged 3 dead letters"  # no hub: none replaying yet
+    bad = eventhub(settings, "dlq", "replay", "--rate", "fast")
+    assert bad.returncode == 1 and "--rate" in bad.stderr and "Traceback" not in bad.stderr
