@@ -1,7 +1,8 @@
 """Sources: one supervised connector per Source resource, in the ``ingest`` role.
 
 The :class:`SourceSupervisor` keeps a :class:`SourceRunner` per Source, in step with the routing
-table: a new Source starts, a changed one restarts, a paused or deleted one stops (its transport
+table: a Source starts once a Binding names it, a changed one restarts, a paused or deleted one
+(or one whose last Binding went) stops (its transport
 keeps what arrives meanwhile: Kafka offsets are not committed, AMQP and MQTT messages stay
 queued, MinIO's webhook gets 503 and retries). A connector that fails is restarted with capped
 exponential backoff; its state and last error are published to Redis for
@@ -235,7 +236,11 @@ class SourceSupervisor:
         async with self._lock:
             if self._stopped:
                 return
-            wanted = {n: r for n, r in routes.sources.items() if not r.paused}
+            # A source with no binding is not started: its transport keeps the messages until
+            # one exists, instead of their being taken and routed nowhere.
+            wanted = {
+                n: r for n, r in routes.sources.items() if not r.paused and routes.bindings_of(n)
+            }
             for name, (resource, runner) in list(self._runners.items()):
                 if wanted.get(name) != resource:
                     del self._runners[name]

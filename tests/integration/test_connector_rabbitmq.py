@@ -339,3 +339,36 @@ async def test_two_hub_processes_share_a_queue_without_duplicate_invocations(
     taken = [await metric(p.base_url, series) for p in (one, two)]
     assert all(n and n > 0 for n in taken), taken  # both took a share
     assert sum(n or 0 for n in taken) == 200
+
+
+async def test_minio_notifications_over_amqp_with_format_s3(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    """MinIO can publish its notifications to AMQP: format s3 makes one event per record."""
+    import pathlib
+
+    queue = f"s3-{uuid.uuid4().hex[:8]}"
+    body = pathlib.Path(__file__).parents[3].joinpath("shared/minio/two-records.json").read_bytes()
+    connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, durable=True)  # waits for the source
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, content_type="application/json"), routing_key=queue
+        )
+        await hub.function("thumbs", function.url("thumbs"))
+        spec = {
+            "type": "rabbitmq",
+            "url": "amqp://guest:guest@127.0.0.1:5672/",
+            "queue": queue,
+            "format": "s3",
+        }
+        await hub.put("sources", "minio-amqp", spec)
+        await hub.bind("s3-to-thumbs", "thumbs", source="minio-amqp")
+        calls = await function.wait_for(2, "thumbs")
+        assert sorted(c.ce["subject"] for c in calls) == ["images/cat.jpg", "images/dog.png"]
+        assert {c.ce["type"] for c in calls} == {"io.minio.s3.ObjectCreated.Put"}
+        assert {c.ce["source"] for c in calls} == {"s3://uploads"}
+        await declared.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
