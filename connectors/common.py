@@ -21,6 +21,7 @@ byte for byte, and transport metadata as extensions. A message that cannot becom
 from __future__ import annotations
 
 import hashlib
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ import orjson
 
 from eventhub.errors import InvalidInput
 from eventhub.events import STRUCTURED, Event, from_attributes, parse_structured
+from eventhub.sourcespecs import TLS
 
 
 class Rejected(Exception):
@@ -167,3 +169,14 @@ def content_hash(*parts: bytes | str) -> str:
         digest.update(part.encode() if isinstance(part, str) else part)
         digest.update(b"\x00")
     return digest.hexdigest()[:32]
+
+
+def ssl_context(tls: TLS) -> ssl.SSLContext:
+    """The client TLS context of a source's ``tls`` options."""
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

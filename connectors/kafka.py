@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,12 +56,12 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from connectors.common import Message, Rejected, to_events
+from connectors.common import Message, Rejected, ssl_context, to_events
 from eventhub.events import Event
 from eventhub.ports import Connector
 from eventhub.resources import Resource
 from eventhub.sources import SourceContext
-from eventhub.sourcespecs import TLS, KafkaSpec
+from eventhub.sourcespecs import KafkaSpec
 
 log = structlog.get_logger(__name__)
 
@@ -375,7 +374,7 @@ def _names(partitions: Iterable[TopicPartition]) -> list[str]:
 def _security(spec: KafkaSpec) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if spec.tls is not None:
-        options["ssl_context"] = _ssl_context(spec.tls)
+        options["ssl_context"] = ssl_context(spec.tls)
     if spec.sasl is not None:
         options.update(
             security_protocol="SASL_SSL" if spec.tls else "SASL_PLAINTEXT",
@@ -386,13 +385,3 @@ def _security(spec: KafkaSpec) -> dict[str, Any]:
     elif spec.tls is not None:
         options["security_protocol"] = "SSL"
     return options
-
-
-def _ssl_context(tls: TLS) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context

@@ -52,7 +52,6 @@ import itertools
 import os
 import re
 import socket
-import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,11 +64,11 @@ import structlog
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311  # type: ignore[import-untyped]
 from gmqtt.mqtt.handler import MQTTConnectError  # type: ignore[import-untyped]
 
-from connectors.common import Message, Rejected, content_hash, to_events
+from connectors.common import Message, Rejected, content_hash, ssl_context, to_events
 from eventhub.events import STRUCTURED, Event
 from eventhub.resources import Resource
 from eventhub.sources import SourceContext
-from eventhub.sourcespecs import TLS, MQTTSpec
+from eventhub.sourcespecs import MQTTSpec
 
 log = structlog.get_logger(__name__)
 
@@ -195,7 +194,7 @@ class _Session:
         if spec.username is not None:
             password = spec.password.get_secret_value() if spec.password else None
             client.set_auth_credentials(spec.username, password)
-        tls = await asyncio.to_thread(_ssl_context, spec.tls) if spec.tls else False
+        tls = await asyncio.to_thread(ssl_context, spec.tls) if spec.tls else False
         where = f"MQTT broker {spec.host}:{spec.port}"
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT):
@@ -398,13 +397,3 @@ def _structured(payload: bytes) -> bool:
 def _first(properties: dict[str, Any], name: str) -> Any:
     values = properties.get(name)
     return values[0] if values else None
-
-
-def _ssl_context(tls: TLS) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context

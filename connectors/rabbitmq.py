@@ -34,7 +34,6 @@ CloudEvents AMQP binding, for ``format: auto`` (the rules are in :mod:`connector
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -49,12 +48,12 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from yarl import URL
 
-from connectors.common import Message, Rejected, content_hash, to_events
+from connectors.common import Message, Rejected, content_hash, ssl_context, to_events
 from eventhub.events import canonical
 from eventhub.ports import Connector
 from eventhub.resources import Resource
 from eventhub.sources import SourceContext
-from eventhub.sourcespecs import TLS, RabbitMQSpec
+from eventhub.sourcespecs import RabbitMQSpec
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +83,7 @@ class RabbitMQConnector:
     async def run(self, ctx: SourceContext) -> None:
         connection = await aio_pika.connect(
             self._url,
-            ssl_context=_ssl_context(self.spec.tls) if self.spec.tls else None,
+            ssl_context=ssl_context(self.spec.tls) if self.spec.tls else None,
             timeout=_CONNECT_TIMEOUT,
             client_properties={"connection_name": f"eventhub source {self.name}"},
         )
@@ -278,16 +277,6 @@ def _text(value: object) -> str | None:
 
 def _extension_name(name: str) -> bool:
     return name.isascii() and name.isalnum() and name.islower() and name not in _RESERVED
-
-
-def _ssl_context(tls: TLS) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def connector(resource: Resource) -> Connector:
