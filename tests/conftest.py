@@ -29,6 +29,9 @@ REAL = {
     "nats_url": ("127.0.0.1", 4222, "nats://127.0.0.1:4222"),
     "redis_url": ("127.0.0.1", 6379, "redis://127.0.0.1:6379/0"),
 }
+# Brokers no wheel can embed: their tests are skipped when the broker is away, unless the
+# services are required (EVENTHUB_REQUIRE_SERVICES=1), where that is a failure.
+BROKERS = {"rabbitmq": ("RabbitMQ", 5672), "mqtt": ("Mosquitto", 1883)}
 TOKEN = "test-admin-token"
 ALL_SCOPES = list(Scope)
 
@@ -39,6 +42,20 @@ def _reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(broker): the test talks to rabbitmq or mqtt")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers("needs"):
+        name, port = BROKERS[marker.args[0]]
+        if not _reachable("127.0.0.1", port):
+            message = f"{name} is not reachable on 127.0.0.1:{port}"
+            if os.environ.get("EVENTHUB_REQUIRE_SERVICES") == "1":
+                pytest.fail(message)
+            pytest.skip(message + " (and cannot be embedded)")
 
 
 @pytest.fixture(scope="session")

@@ -27,15 +27,7 @@ BROKER = ("127.0.0.1", 1883)
 Forget = Callable[[str], None]
 
 
-def _reachable() -> bool:
-    try:
-        with socket.create_connection(BROKER, timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _reachable(), reason="no MQTT broker on 127.0.0.1:1883")
+pytestmark = pytest.mark.needs("mqtt")
 
 
 def _version(version: str) -> int:

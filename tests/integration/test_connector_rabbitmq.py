@@ -24,6 +24,8 @@ from aiormq.exceptions import ChannelClosed, ChannelInvalidStateError
 
 from tests.support import FunctionServer, HubProcess, RunningHub
 
+pytestmark = pytest.mark.needs("rabbitmq")
+
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 

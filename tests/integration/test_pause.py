@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import aio_pika
+import pytest
 
 from tests.support import FunctionServer, RunningHub
 
@@ -35,6 +36,7 @@ async def test_a_paused_binding_holds_its_invocations_until_resumed(
     assert len(calls) == 5
 
 
+@pytest.mark.needs("rabbitmq")
 async def test_a_paused_source_keeps_messages_in_its_transport(
     hub: RunningHub, function: FunctionServer
 ) -> None:
