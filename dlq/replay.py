@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import asyncpg
 import structlog
 
 from dlq.store import DeadLetterFilter, DeadLetterQuery, DeadLetterStore, event_of, to_document
@@ -66,6 +67,8 @@ class ReplayJobs:
         return {"count": count, "sample": sample}
 
     async def create(self, plan: ReplayPlan, functions: Mapping[str, object]) -> dict[str, Any]:
+        """Take the matching dead letters for a new job, at once: from here on they are
+        ``replaying`` and no other replay can take them."""
         if plan.to is not None and plan.to not in functions:
             raise InvalidInput(f"to: Function '{plan.to}' does not exist")
         job_id = str(uuid.uuid4())
@@ -88,10 +91,13 @@ class ReplayJobs:
                 plan.rate,
             )
             n = len(args)
+            job = f"${n + 1}::uuid"
             status = await conn.execute(
-                "insert into replay_items (job_id, seq, dead_letter_id)"  # noqa: S608
-                f" select ${n + 1}::uuid, row_number() over (order by failed_at, id), id"
-                f" from dead_letters where {where} and status <> 'replaying'",
+                f"with taken as (update dead_letters set status = 'replaying',"  # noqa: S608
+                f" replay_job = {job}, replay_count = replay_count + 1, updated_at = now()"
+                f" where {where} and status <> 'replaying' returning id, failed_at)"
+                " insert into replay_items (job_id, seq, dead_letter_id)"
+                f" select {job}, row_number() over (order by failed_at, id), id from taken",
                 *args,
                 job_id,
             )
@@ -107,7 +113,7 @@ class ReplayJobs:
                 f"select {_JOB_COLUMNS} from replay_jobs where id = $1::uuid",  # noqa: S608
                 job_id,
             )
-        except ValueError:
+        except (ValueError, asyncpg.DataError):
             row = None
         if row is None:
             raise NotFound(f"replay job '{job_id}' does not exist")
@@ -122,12 +128,16 @@ class ReplayJobs:
         return [job_document(r) for r in rows]
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Stop a job; the dead letters it had not published yet are free again."""
         await self.get(job_id)
-        await self._pool.execute(
-            "update replay_jobs set status = 'cancelled', updated_at = now()"
-            " where id = $1 and status in ('pending', 'running')",
-            job_id,
-        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "update replay_jobs set status = 'cancelled', updated_at = now()"
+                " where id = $1 and status in ('pending', 'running')",
+                job_id,
+            )
+            if not status.endswith(" 0"):
+                await release_pending(conn, job_id)
         return await self.get(job_id)
 
 
@@ -154,15 +164,14 @@ class ReplayRunner:
     async def run(self) -> None:
         """Until cancelled."""
         while True:
-            job = await self._claim()
-            if job is None:
-                await asyncio.sleep(_IDLE)
-                continue
-            job_id = str(job["id"])
             try:
-                await self._process(job_id, job["to_function"], float(job["rate"]))
+                job = await self._claim()
+                if job is None:
+                    await asyncio.sleep(_IDLE)
+                    continue
+                await self._process(str(job["id"]), job["to_function"], float(job["rate"]))
             except Exception as exc:  # the lease runs out and another process takes over
-                log.error("replay_job_interrupted", job=job_id, error=str(exc) or repr(exc))
+                log.error("replay_runner_failed", error=str(exc) or repr(exc))
                 await asyncio.sleep(_IDLE)
 
     async def _claim(self) -> Any:
@@ -192,20 +201,23 @@ class ReplayRunner:
                 await self._finish(job_id)
                 return
             for item in items:
+                # Wait for the slot in short steps, renewing the lease, and check it once more
+                # right before publishing: a slow rate must not let another process take over.
+                while (delay := next_at - time.monotonic()) > 0:
+                    if not await self._renew(job_id):
+                        return  # cancelled, or the lease is someone else's now
+                    await asyncio.sleep(min(delay, LEASE / 3))
                 if not await self._renew(job_id):
-                    return  # cancelled, or the lease is someone else's now
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                    return
                 next_at = max(next_at + interval, time.monotonic() - interval)
                 await self._replay_one(job_id, item["seq"], str(item["dead_letter_id"]), to)
 
     async def _replay_one(self, job_id: str, seq: int, dl_id: str, to: str | None) -> None:
-        row = await self._store.begin_replay(dl_id, job_id)
+        row = await self._store.taken_by(dl_id, job_id)
         target = to or (row["function"] if row is not None else None)
         if row is None or target is None or target not in self._functions():
             if row is not None:  # nowhere to send it: leave it as it was
-                await self._store.abandon_replay(dl_id)
+                await self._store.abandon_replay(dl_id, job_id)
             await self._mark(job_id, seq, "skipped")
             return
         extensions = {"eventhubreplay": job_id, "eventhubreplaycount": str(row["replay_count"])}
@@ -222,14 +234,18 @@ class ReplayRunner:
         self._on_published()
 
     async def _mark(self, job_id: str, seq: int, state: str) -> None:
+        """Count an item once, even if two processes ever got to it."""
         column = "published" if state == "published" else "skipped"
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "update replay_items set state = $3 where job_id = $1 and seq = $2",
+            changed = await conn.execute(
+                "update replay_items set state = $3 where job_id = $1 and seq = $2"
+                " and state = 'pending'",
                 job_id,
                 seq,
                 state,
             )
+            if changed.endswith(" 0"):
+                return
             await conn.execute(
                 f"update replay_jobs set processed = processed + 1, {column} = {column} + 1,"  # noqa: S608
                 " updated_at = now() where id = $1",
@@ -253,6 +269,16 @@ class ReplayRunner:
             job_id,
         )
         log.info("replay_job_done", job=job_id)
+
+
+async def release_pending(conn: Any, job_id: str) -> None:
+    """The dead letters a stopped job had not published go back to ``dead``."""
+    await conn.execute(
+        "update dead_letters set status = 'dead', replay_count = replay_count - 1,"
+        " updated_at = now() where replay_job = $1 and status = 'replaying' and id in ("
+        " select dead_letter_id from replay_items where job_id = $1 and state = 'pending')",
+        job_id,
+    )
 
 
 def job_document(row: Any) -> dict[str, Any]:

@@ -195,25 +195,22 @@ class DeadLetterStore:
             ],
         }
 
-    async def begin_replay(self, dl_id: str, job_id: str) -> Any:
-        """Mark a dead letter as being replayed by ``job_id``; its row, or None when it is
-        being replayed already (one replay at a time) or is gone."""
-        # The same job may take it again: it was interrupted between this and the publish.
-        sql = (
-            "update dead_letters set status = 'replaying', replay_job = $2, updated_at = now(),"  # noqa: S608
-            " replay_count = replay_count"
-            "   + case when status = 'replaying' and replay_job = $2 then 0 else 1 end"
-            " where id = $1 and (status <> 'replaying' or replay_job = $2)"
-            f" returning {_COLUMNS}"
+    async def taken_by(self, dl_id: str, job_id: str) -> Any:
+        """The dead letter's row if ``job_id`` holds it for replay, else None."""
+        return await self._pool.fetchrow(
+            f"select {_COLUMNS} from dead_letters"  # noqa: S608 - constant columns
+            " where id = $1 and status = 'replaying' and replay_job = $2",
+            dl_id,
+            job_id,
         )
-        return await self._pool.fetchrow(sql, dl_id, job_id)
 
-    async def abandon_replay(self, dl_id: str) -> None:
+    async def abandon_replay(self, dl_id: str, job_id: str) -> None:
         """The dead letter could not be replayed (no function to send it to): as it was."""
         await self._pool.execute(
-            "update dead_letters set status = 'dead', updated_at = now()"
-            " where id = $1 and status = 'replaying'",
+            "update dead_letters set status = 'dead', replay_count = replay_count - 1,"
+            " updated_at = now() where id = $1 and status = 'replaying' and replay_job = $2",
             dl_id,
+            job_id,
         )
 
     async def replay_finished(
@@ -223,6 +220,7 @@ class DeadLetterStore:
         outcome on its replay job; returns the job."""
         async with self._pool.acquire() as conn, conn.transaction():
             row = await self._finish_replay(conn, dl_id, ok, attempts, error)
+            # None when it was finished already (a redelivered outcome): counted once.
             job = str(row["replay_job"]) if row and row["replay_job"] else None
             if job is not None:
                 column = "succeeded" if ok else "failed"
@@ -244,7 +242,8 @@ class DeadLetterStore:
         if ok:
             return await conn.fetchrow(
                 "update dead_letters set status = 'resolved', updated_at = now(),"
-                " attempts = attempts || $2::jsonb where id = $1 returning replay_job",
+                " attempts = attempts || $2::jsonb where id = $1 and status = 'replaying'"
+                " returning replay_job",
                 dl_id,
                 orjson.dumps(attempts).decode(),
             )
@@ -252,7 +251,7 @@ class DeadLetterStore:
         return await conn.fetchrow(
             "update dead_letters set status = 'dead', updated_at = now(), failed_at = now(),"
             " attempts = attempts || $2::jsonb, error_code = $3, error_message = $4"
-            " where id = $1 returning replay_job",
+            " where id = $1 and status = 'replaying' returning replay_job",
             dl_id,
             orjson.dumps(attempts).decode(),
             code,
@@ -278,6 +277,13 @@ class DeadLetterStore:
             )
             removed += int(status.split()[-1])
         return removed
+
+    async def find(self, dl_id: str) -> tuple[DeadLetterRecord, str] | None:
+        row = await self._pool.fetchrow(
+            f"select {_COLUMNS} from dead_letters where id = $1",  # noqa: S608 - constant
+            dl_id,
+        )
+        return None if row is None else (record_of(row), str(row["dlf_status"]))
 
     async def mark_dead_letter_function_pending(self, dl_id: str) -> None:
         await self._pool.execute(

@@ -245,7 +245,13 @@ class Hub:
     def _own(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """These tasks run until stop: one that ends on its own is a fault, said loudly."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background_task_died", task=task.get_name(), error=repr(task.exception()))
 
     async def _watch_depths(self) -> None:
         """Queue depth metrics, and the release of what resumed bindings held."""
@@ -253,7 +259,7 @@ class Hub:
             try:
                 await self.dispatcher.refresh_depths()
                 await self.dispatcher.release_resumed()
-            except (DependencyDown, nats.errors.Error, nats.js.errors.Error) as exc:
+            except Exception as exc:  # a full buffer, NATS away...: try again next round
                 log.warning("housekeeping_failed", error=str(exc) or repr(exc))
             await asyncio.sleep(_DEPTH_INTERVAL)
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
+import asyncpg
 import click
 import yaml
 from pydantic import ValidationError
@@ -50,6 +51,8 @@ def handled(func: Callable[P, T]) -> Callable[P, T]:
             fail(exc.detail)
         except OSError as exc:
             fail(str(exc))
+        except asyncpg.PostgresError as exc:
+            fail(f"PostgreSQL refused: {exc}")
         raise AssertionError("unreachable")
 
     return wrapper

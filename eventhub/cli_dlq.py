@@ -9,7 +9,7 @@ import contextlib
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -84,12 +84,19 @@ def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidInput(f"'{value[:60]}' is not a dead-letter or job id") from None
+
+
 def _filter(ids: tuple[str, ...], **options: Any) -> DeadLetterFilter:
     chosen = {k: v for k, v in options.items() if v is not None}
     if ids and chosen:
         raise InvalidInput("give dead-letter ids or filter options, not both")
     if ids:
-        return DeadLetterFilter(ids=ids)
+        return DeadLetterFilter(ids=tuple(_id(i) for i in ids))
     return DeadLetterFilter(
         function=options.get("function"),
         binding=options.get("binding"),
@@ -153,7 +160,7 @@ def list_(limit: int, as_json: bool, **options: Any) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def show(dead_letter_id: str, as_json: bool) -> None:
     """One dead letter: the event, every attempt, the dead-letter function's outcome."""
-    doc = _run(load_settings(), lambda t: t.store.get(dead_letter_id))
+    doc = _run(load_settings(), lambda t: t.store.get(_id(dead_letter_id)))
     if as_json:
         _json(doc)
         return
@@ -210,8 +217,11 @@ def stats(as_json: bool) -> None:
 def replay(
     ids: tuple[str, ...], to: str | None, rate: str, dry_run: bool, follow: bool, **options: Any
 ) -> None:
-    """Replay dead letters, by ids or by filter, as a job run by the hub."""
+    """Replay dead letters, by ids or by filter (status dead unless --status), as a job run
+    by the hub."""
     which = _filter(ids, **options)
+    if which.ids is None and which.status is None:
+        which = replace(which, status="dead")  # not what a replay already resolved
     try:
         per_second = parse_rate(rate).per_second
     except ValueError as exc:
@@ -304,7 +314,7 @@ def jobs() -> None:
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
     """Stop a replay job (what it already replayed stays replayed)."""
-    job = _run(load_settings(), lambda t: t.jobs.cancel(job_id))
+    job = _run(load_settings(), lambda t: t.jobs.cancel(_id(job_id)))
     click.echo(f"replay job {job['id']}: {job['status']}")
 
 
@@ -316,7 +326,7 @@ def resend(dead_letter_id: str) -> None:
     settings = load_settings()
 
     async def go(t: _Tools) -> None:
-        record = record_of(await t.store.row(dead_letter_id))
+        record = record_of(await t.store.row(_id(dead_letter_id)))
         if not record.dead_letter_function:
             raise Conflict(f"dead letter '{record.id}' has no dead-letter function")
         failed = None

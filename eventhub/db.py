@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from eventhub.errors import DependencyDown
+from eventhub.errors import DependencyDown, InvalidInput
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +40,9 @@ async def connect(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 1
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise DependencyDown(f"PostgreSQL is unreachable: {type(exc).__name__}") from exc
+    except ValueError:
+        # A malformed URL; said without the URL, which may hold a password.
+        raise InvalidInput("EVENTHUB_DATABASE_URL is not a valid PostgreSQL URL") from None
 
 
 async def migrate(pool: Any, schema: str) -> list[str]:

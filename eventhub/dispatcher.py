@@ -83,6 +83,7 @@ class Dispatcher:
         self._workers: dict[tuple[str, int | None], FunctionWorker] = {}
         self._sync_lock = asyncio.Lock()
         self._stopped = False
+        self._stopping: set[asyncio.Task[None]] = set()  # workers of removed functions
 
     async def start(self) -> None:
         self._router.on_change(self._sync)
@@ -104,7 +105,12 @@ class Dispatcher:
                 else:
                     worker.spec = spec
             for key in [k for k in self._workers if k not in wanted]:
-                await self._workers.pop(key).stop(self._deps.settings.shutdown_timeout)
+                # Stopped in the background: its grace period must not hold up the reload.
+                task = asyncio.create_task(
+                    self._workers.pop(key).stop(self._deps.settings.shutdown_timeout)
+                )
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
 
     def _wanted(self, routes: Routes) -> dict[tuple[str, int | None], FunctionSpec]:
         """A worker per function, and per ordered lane of a function that has (or had: its
@@ -125,6 +131,8 @@ class Dispatcher:
             workers, self._workers = list(self._workers.values()), {}
         if workers:
             await asyncio.gather(*(w.stop(grace) for w in workers))
+        if self._stopping:
+            await asyncio.wait(set(self._stopping), timeout=grace)
 
     async def release_resumed(self) -> None:
         """Send on what resumed bindings held while they were paused."""
@@ -182,6 +190,7 @@ class FunctionWorker:
         self._room = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._stopping = False
         # Messages being invoked (by identity: Msg is unhashable) and when their call started.
         self._calls: dict[int, tuple[Msg, float]] = {}
         self._rand = random.Random()  # noqa: S311 - jitter, not security
@@ -200,9 +209,13 @@ class FunctionWorker:
         self._ticker = asyncio.create_task(self._keep_alive(), name=f"in-progress:{self.name}")
 
     async def stop(self, grace: float) -> None:
+        self._stopping = True  # a cancel swallowed by a client library still ends the loop
         if self._fetcher is not None:
-            self._fetcher.cancel()
-            await asyncio.wait([self._fetcher])
+            for _ in range(3):
+                self._fetcher.cancel()
+                done, _ = await asyncio.wait([self._fetcher], timeout=5.0)
+                if done:
+                    break
         if self._in_flight:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=grace)
             for task in pending:
@@ -216,11 +229,11 @@ class FunctionWorker:
 
     async def _fetch_loop(self) -> None:
         failures = 0
-        while True:
+        while not self._stopping:
             puller = None
             try:
                 puller = await self._deps.queue.puller(self.name, self.lane)
-                while True:
+                while not self._stopping:
                     started = time.monotonic()
                     if await self._pull_once(puller) or time.monotonic() - started > 1.0:
                         failures = 0
@@ -228,7 +241,7 @@ class FunctionWorker:
                     # Refused at once (no consumer, no JetStream): back off, and make sure
                     # the consumer exists, in case the stream was recreated meanwhile.
                     raise ConnectionError("the pull request was refused")
-            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            except Exception as exc:  # NATS, Redis (rate limit) or anything: back off, go on
                 failures += 1
                 log.warning("pull_failed", function=self.name, error=str(exc) or repr(exc))
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
@@ -242,14 +255,10 @@ class FunctionWorker:
 
     async def _pull_once(self, puller: Puller) -> int:
         """One pull request for as many messages as there is room for (one under a rate
-        limit, after waiting for its slot); each message is dispatched as it arrives.
-        Returns how many came."""
-        room = await self._wait_for_room()
+        limit); each message is dispatched as it arrives. Returns how many came."""
+        room = 1 if self.spec.rate_limit is not None else await self._wait_for_room()
         if self.spec.rate_limit is not None:
-            wait = await self._deps.limiter.reserve(self.name, self.spec.rate_limit)
-            if wait > 0:
-                await asyncio.sleep(wait)
-            room = 1
+            await self._wait_for_room()
         await puller.request(room, expires=_PULL_EXPIRES, heartbeat=_PULL_HEARTBEAT)
         taken = 0
         while taken < room:
@@ -257,8 +266,23 @@ class FunctionWorker:
             if msg is END or msg is None:
                 break
             taken += 1
+            if self.spec.rate_limit is not None:
+                await self._wait_for_slot(msg)
             self._spawn(msg)
         return taken
+
+    async def _wait_for_slot(self, msg: Msg) -> None:
+        """Book the rate limit's next slot once a message is here (a slot booked before would
+        be spent late, letting a burst through after an idle spell), keeping the message ours
+        while waiting."""
+        assert self.spec.rate_limit is not None  # noqa: S101 - checked by the caller
+        wait = await self._deps.limiter.reserve(self.name, self.spec.rate_limit)
+        step = self._deps.settings.ack_wait / 3
+        while wait > 0:
+            await asyncio.sleep(min(wait, step))
+            wait -= step
+            if wait > 0:
+                await msg.in_progress()
 
     async def _wait_for_room(self) -> int:
         while len(self._in_flight) >= self.limit:
@@ -267,7 +291,16 @@ class FunctionWorker:
         return self.limit - len(self._in_flight)
 
     def _spawn(self, msg: Msg) -> None:
+        if self._stopping:
+            self._give_back(msg)
+            return
         task = asyncio.create_task(self._handle(msg))
+        self._in_flight.add(task)
+        task.add_done_callback(self._done)
+
+    def _give_back(self, msg: Msg) -> None:
+        """A message taken while stopping: handed back at once, by a short owned task."""
+        task = asyncio.create_task(msg.nak())
         self._in_flight.add(task)
         task.add_done_callback(self._done)
 
@@ -307,6 +340,8 @@ class FunctionWorker:
         self, msg: Msg, invocation: Invocation, attempt: int, age: float, enqueued: datetime
     ) -> None:
         spec, deps = self.spec, self._deps
+        if attempt > 1 and await self._already_dead(msg, invocation, spec):
+            return
         if expired(age, spec.max_event_age) or attempt > spec.retry.max_attempts:
             reason = EXPIRED if expired(age, spec.max_event_age) else EXHAUSTED
             await self._give_up(msg, invocation, spec, reason, None, enqueued)
@@ -370,6 +405,38 @@ class FunctionWorker:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.in_progress()
 
+    async def _to_dead_letter_function(
+        self, msg: Msg, record: DeadLetterRecord, spec: FunctionSpec, invocation: Invocation
+    ) -> None:
+        try:
+            await self._deps.queue.publish(
+                to_dead_letter_function(
+                    record,
+                    spec.url,
+                    dead_letter_id(record.id),
+                    traceparent=invocation.traceparent,
+                    tracestate=invocation.tracestate,
+                )
+            )
+        except Exception:
+            # The dead letter is stored; the message stays ours so the delivery is retried.
+            await msg.nak(delay=5.0)
+            raise
+
+    async def _already_dead(self, msg: Msg, invocation: Invocation, spec: FunctionSpec) -> bool:
+        """A redelivery of an invocation whose dead letter is stored (the ack was lost, or the
+        dead-letter function's publish failed): never invoke it again, only finish the job."""
+        if invocation.dead_letter_id or invocation.replay_of:
+            return False
+        found = await self._deps.sink.find(dead_letter_id(invocation.id))
+        if found is None:
+            return False
+        record, dlf_status = found
+        if dlf_status == "pending" and record.dead_letter_function:
+            await self._to_dead_letter_function(msg, record, spec, invocation)
+        await msg.ack()
+        return True
+
     async def _give_up(
         self,
         msg: Msg,
@@ -418,20 +485,7 @@ class FunctionWorker:
         )
         await deps.sink.store(record)
         if record.dead_letter_function:
-            try:
-                await deps.queue.publish(
-                    to_dead_letter_function(
-                        record,
-                        spec.url,
-                        dead_letter_id(record.id),
-                        traceparent=invocation.traceparent,
-                        tracestate=invocation.tracestate,
-                    )
-                )
-            except Exception:
-                # The dead letter is stored; the message stays ours so the delivery is retried.
-                await msg.nak(delay=5.0)
-                raise
+            await self._to_dead_letter_function(msg, record, spec, invocation)
         await msg.ack()
         deps.metrics.dead_letters.labels(self.name, reason).inc()
         deps.metrics.invocations.labels(self.name, "dead_lettered").inc()

@@ -33,6 +33,7 @@ from eventhub.ports import DeadLetterRecord
 _IDS = uuid.UUID("6f1c2f7e-3a0b-4c55-9a52-5e0c6b1de001")
 
 H_MSG_ID = "Nats-Msg-Id"
+H_INVOCATION_ID = "Eh-Invocation-Id"  # set when the message id differs (a released message)
 H_FUNCTION = "Eh-Function"
 H_BINDING = "Eh-Binding"
 H_CALLBACK = "Eh-Callback"
@@ -94,7 +95,7 @@ class Invocation:
     @classmethod
     def from_message(cls, headers: Mapping[str, str], data: bytes) -> Invocation:
         return cls(
-            id=headers[H_MSG_ID],
+            id=headers.get(H_INVOCATION_ID) or headers[H_MSG_ID],
             function=headers[H_FUNCTION],
             event=Event.from_binary_headers(headers, data),
             binding=headers.get(H_BINDING),

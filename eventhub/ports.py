@@ -46,6 +46,9 @@ class DeadLetterSink(Protocol):
     async def dead_letter_function_done(self, dl_id: str, ok: bool, error: str | None) -> None:
         """Record the outcome of the delivery to the dead-letter function."""
 
+    async def find(self, dl_id: str) -> tuple[DeadLetterRecord, str] | None:
+        """A stored dead letter and the state of its dead-letter function's delivery."""
+
     async def replay_finished(
         self, dl_id: str, ok: bool, attempts: list[dict[str, Any]], error: tuple[str, str] | None
     ) -> str | None:

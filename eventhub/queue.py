@@ -29,7 +29,13 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 
 from eventhub.errors import DependencyDown, QueueFull
-from eventhub.invocations import H_FUNCTION, H_MSG_ID, H_ORDERING_KEY, Invocation
+from eventhub.invocations import (
+    H_FUNCTION,
+    H_INVOCATION_ID,
+    H_MSG_ID,
+    H_ORDERING_KEY,
+    Invocation,
+)
 from eventhub.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -197,7 +203,9 @@ class InvocationQueue:
                     return moved
                 for msg in messages:
                     headers = dict(msg.headers or {})
-                    headers[H_MSG_ID] = headers.get(H_MSG_ID, "") + "/released"
+                    invocation_id = headers.get(H_INVOCATION_ID) or headers.get(H_MSG_ID, "")
+                    headers[H_INVOCATION_ID] = invocation_id  # the id the caller was given
+                    headers[H_MSG_ID] = invocation_id + "/released"
                     subject = self._subject(headers[H_FUNCTION], headers.get(H_ORDERING_KEY))
                     await self._publish(subject, msg.data, headers)
                     await msg.ack()
@@ -242,10 +250,19 @@ class Puller:
         self._sub = await self._nc.subscribe(self._inbox)
 
     async def close(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
+        """Stop pulling; messages already delivered here but not handed over are given back
+        (nak), so they are not left waiting for ack_wait."""
+        if self._sub is None:
+            return
+        sub, self._sub = self._sub, None
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+        pending = sub._pending_queue  # nats-py keeps delivered, unread messages here
+        while not pending.empty():
+            msg = pending.get_nowait()
+            if msg.reply and not (msg.headers and msg.headers.get("Status")):
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak()
 
     async def request(self, batch: int, expires: float, heartbeat: float) -> None:
         body = {

@@ -138,7 +138,8 @@ class Settings(BaseSettings):
         return f"{self.namespace}.invoke.{function}.o{bucket}"
 
     def ordered_consumer_for(self, function: str, bucket: int) -> str:
-        return f"fn-{function}-o{bucket}"
+        # "_" cannot appear in a function name: no lane's consumer is another function's.
+        return f"fn-{function}_o{bucket}"
 
     def held_subject_for(self, binding: str) -> str:
         return f"{self.namespace}.held.{binding}"

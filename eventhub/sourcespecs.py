@@ -156,6 +156,8 @@ class MinIOSpec(_SourceSpec):
     def model_post_init(self, context: Any, /) -> None:
         if self.mode == "listen" and self.listen is None:
             raise ValueError("mode listen needs the listen settings (endpoint, bucket, keys)")
+        if self.mode == "webhook" and not self.auth_token:
+            raise ValueError("mode webhook needs authToken: the webhook is open to the network")
 
 
 class CronSpec(_SourceSpec):

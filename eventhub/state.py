@@ -12,6 +12,7 @@ Statuses: queued -> running -> (retrying -> running)* -> succeeded | dead-letter
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,8 +109,9 @@ class InvocationState:
         self._ttl = str(max(1, int(ttl)))
         self._script = client.register_script(_TRANSITION)
         self._pending: asyncio.Queue[tuple[str, _Write]] = asyncio.Queue(maxsize=_QUEUE_SIZE)
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._queued = 0  # writes queued so far
+        self._applied = 0  # writes applied (or failed and logged) so far
+        self._progress = asyncio.Condition()
 
     async def queued(self, ids: list[tuple[str, str]]) -> None:
         """Mark (invocation id, function) pairs queued, unless dispatch already moved them on."""
@@ -119,18 +121,9 @@ class InvocationState:
             await self._put(inv_id, _Write(nx, [], []))
 
     def running(self, inv_id: str, function: str, attempt: int) -> None:
-        """Mark an attempt running; dropped (logged) if the write queue is full: a call that
-        outlives its 'running' mark loses nothing but the mark."""
         now = now_rfc3339()
         always = ["status", "running", "function", function, "attempts", str(attempt)]
-        try:
-            self._pending.put_nowait(
-                (inv_id, _Write(["createdAt", now], [*always, "updatedAt", now], []))
-            )
-        except asyncio.QueueFull:
-            log.warning("invocation_state_write_dropped", invocation_id=inv_id)
-            return
-        self._idle.clear()
+        self._put_nowait(inv_id, _Write(["createdAt", now], [*always, "updatedAt", now], []))
 
     async def finished(
         self, inv_id: str, function: str, status: str, record: AttemptRecord, **extra: str
@@ -155,20 +148,33 @@ class InvocationState:
         await self._put(inv_id, _Write(nx, fields, [orjson.dumps(record.to_json()).decode()]))
 
     async def _put(self, inv_id: str, write: _Write) -> None:
-        self._idle.clear()
-        await self._pending.put((inv_id, write))
+        self._put_nowait(inv_id, write)
+
+    def _put_nowait(self, inv_id: str, write: _Write) -> None:
+        """Queue a write; when Redis is so slow that the queue is full, the write is dropped
+        (and logged) rather than holding up delivery: this state is a view."""
+        try:
+            self._pending.put_nowait((inv_id, write))
+        except asyncio.QueueFull:
+            log.warning("invocation_state_write_dropped", invocation_id=inv_id)
+            return
+        self._queued += 1
 
     async def flush(self) -> None:
-        """Wait until every write queued so far is applied (or has failed and been logged)."""
-        await self._idle.wait()
+        """Wait until the writes queued before this call are applied (or failed, logged)."""
+        target = self._queued
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._applied >= target)
 
     async def run(self) -> None:
         """Apply queued writes until cancelled; a failed batch is logged, delivery goes on."""
         while True:
             first_id, first = await self._pending.get()
             batch = {first_id: first}  # under load, one invocation's transitions share a batch
+            taken = 1
             while len(batch) < _BATCH and not self._pending.empty():
                 inv_id, write = self._pending.get_nowait()
+                taken += 1
                 if inv_id in batch:
                     batch[inv_id].merge(write)
                 else:
@@ -183,8 +189,9 @@ class InvocationState:
                     await pipe.execute()
             except aioredis.RedisError as exc:
                 log.warning("invocation_state_write_failed", error=str(exc), writes=len(batch))
-            if self._pending.empty():
-                self._idle.set()
+            async with self._progress:
+                self._applied += taken
+                self._progress.notify_all()
 
     async def exists(self, inv_id: str) -> bool:
         try:
@@ -193,12 +200,21 @@ class InvocationState:
             return False  # JetStream's duplicate window still applies
 
     async def attempts(self, inv_id: str) -> list[dict[str, Any]]:
-        await self.flush()
-        raw = await self._redis.lrange(self._prefix + inv_id + ":attempts", 0, -1)
+        """The attempts recorded so far; none when Redis cannot say (a dead letter is then
+        stored with the attempts this process knows of, rather than not at all)."""
+        try:
+            async with asyncio.timeout(5.0):
+                await self.flush()
+            raw = await self._redis.lrange(self._prefix + inv_id + ":attempts", 0, -1)
+        except (aioredis.RedisError, TimeoutError) as exc:
+            log.warning("invocation_state_read_failed", invocation_id=inv_id, error=str(exc))
+            return []
         return [orjson.loads(item) for item in raw]
 
     async def get(self, inv_id: str) -> dict[str, Any] | None:
-        await self.flush()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self.flush()
         key = self._prefix + inv_id
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(key)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +32,7 @@ from aiohttp import web
 from dlq.replay import ReplayPlan
 from dlq.store import STATUSES, DeadLetterFilter, DeadLetterQuery, DeadLetterStore, record_of
 from eventhub.api.context import CONTEXT, requires
-from eventhub.errors import Conflict, FieldProblem, InvalidInput
+from eventhub.errors import Conflict, FieldProblem, InvalidInput, NotFound
 from eventhub.invocations import to_dead_letter_function
 from eventhub.settings import Scope
 from eventhub.units import parse_rate
@@ -100,9 +101,16 @@ def _cursor(raw: str | None) -> tuple[datetime, str] | None:
         return None
     try:
         failed_at, dl_id = base64.urlsafe_b64decode(raw.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(failed_at), dl_id
+        return datetime.fromisoformat(failed_at), str(uuid.UUID(dl_id))
     except (ValueError, UnicodeDecodeError):
         raise _bad("cursor", "is not a cursor this API returned") from None
+
+
+def _uuid(value: str, field: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise _bad(field, f"'{value[:60]}' is not an id") from None
 
 
 def query_of(request: web.Request) -> DeadLetterQuery:
@@ -114,6 +122,13 @@ def query_of(request: web.Request) -> DeadLetterQuery:
     if not 1 <= limit <= _MAX_LIMIT:
         raise _bad("limit", f"must be between 1 and {_MAX_LIMIT}")
     which = {k: v for k, v in q.items() if k not in ("limit", "cursor")}
+    unknown = [k for k in which if k not in (*_FILTER_FIELDS, "since", "until")]
+    if unknown:
+        raise _bad(
+            unknown[0],
+            "is not a filter (function, binding, source, status, errorCode,"
+            " reason, since, until, limit, cursor)",
+        )
     return DeadLetterQuery(filter=filter_of(which), limit=limit, after=_cursor(q.get("cursor")))
 
 
@@ -133,7 +148,14 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 
 @requires(Scope.DLQ)
 async def get_dead_letter(request: web.Request) -> web.Response:
-    return _json(await _store(request).get(request.match_info["id"]))
+    return _json(await _store(request).get(_path_id(request)))
+
+
+def _path_id(request: web.Request) -> str:
+    try:
+        return str(uuid.UUID(request.match_info["id"]))
+    except ValueError:
+        raise NotFound(f"'{request.match_info['id'][:60]}' is not an id this hub made") from None
 
 
 @requires(Scope.DLQ)
@@ -152,16 +174,20 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _selection(body: Mapping[str, Any]) -> DeadLetterFilter:
-    """``{"ids": [...]}`` or ``{"filter": {...}}`` (an empty filter selects everything)."""
-    if "ids" in body and "filter" in body:
-        raise _bad("ids", "give ids or filter, not both")
+def _selection(body: Mapping[str, Any], allowed: tuple[str, ...]) -> DeadLetterFilter:
+    """``{"ids": [...]}`` or ``{"filter": {...}}``, one of them given explicitly (``{"filter":
+    {}}`` selects every dead letter); an unknown key is refused rather than ignored."""
+    unknown = [k for k in body if k not in ("ids", "filter", "dryRun", *allowed)]
+    if unknown:
+        raise _bad(unknown[0], f"is not a field here (ids, filter, dryRun, {', '.join(allowed)})")
+    if ("ids" in body) == ("filter" in body):
+        raise _bad("ids", "give either ids or filter")
     if "ids" in body:
         ids = body["ids"]
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
             raise _bad("ids", "must be a non-empty list of dead-letter ids")
-        return DeadLetterFilter(ids=tuple(ids))
-    which = body.get("filter", {})
+        return DeadLetterFilter(ids=tuple(_uuid(i, "ids") for i in ids))
+    which = body["filter"]
     if not isinstance(which, dict):
         raise _bad("filter", "must be an object")
     return filter_of(which, "filter.")
@@ -178,7 +204,9 @@ def _dry_run(body: Mapping[str, Any]) -> bool:
 async def replay(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     body = await _body(request)
-    which = _selection(body)
+    which = _selection(body, ("to", "rate"))
+    if which.ids is None and which.status is None:
+        which = replace(which, status="dead")  # not what a replay already resolved
     to = body.get("to")
     if to is not None and not isinstance(to, str):
         raise _bad("to", "must be a function name")
@@ -197,7 +225,7 @@ async def replay(request: web.Request) -> web.Response:
 @requires(Scope.DLQ)
 async def purge(request: web.Request) -> web.Response:
     body = await _body(request)
-    which = _selection(body)
+    which = _selection(body, ())
     if _dry_run(body):
         return _json({"count": await _store(request).count(which)})
     return _json({"purged": await _store(request).purge(which)})
@@ -208,7 +236,7 @@ async def resend(request: web.Request) -> web.Response:
     """Send a dead letter to its dead-letter function again (after it failed, for example)."""
     ctx = request.app[CONTEXT]
     store = _store(request)
-    record = record_of(await store.row(request.match_info["id"]))
+    record = record_of(await store.row(_path_id(request)))
     target = record.dead_letter_function
     if not target or target not in ctx.router.routes.functions:
         raise Conflict(f"dead letter '{record.id}' has no dead-letter function to send it to")
@@ -226,12 +254,12 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 @requires(Scope.DLQ)
 async def get_job(request: web.Request) -> web.Response:
-    return _json(await request.app[CONTEXT].replays.get(request.match_info["id"]))
+    return _json(await request.app[CONTEXT].replays.get(_path_id(request)))
 
 
 @requires(Scope.DLQ)
 async def cancel_job(request: web.Request) -> web.Response:
-    return _json(await request.app[CONTEXT].replays.cancel(request.match_info["id"]))
+    return _json(await request.app[CONTEXT].replays.cancel(_path_id(request)))
 
 
 def add_routes(app: web.Application) -> None:

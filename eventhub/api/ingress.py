@@ -63,8 +63,12 @@ async def _invoke(request: web.Request) -> Invocation:
         )
     callback = request.headers.get("X-Callback-Url")
     if callback is not None:
-        url = URL(callback)
-        if url.scheme not in ("http", "https") or not url.host:
+        try:
+            url = URL(callback)
+            valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+        except ValueError:
+            valid = False
+        if not valid:
             raise InvalidInput(
                 "X-Callback-Url must be an absolute http(s) URL",
                 problems=(FieldProblem("X-Callback-Url", "must be an absolute http(s) URL"),),

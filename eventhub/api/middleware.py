@@ -12,12 +12,20 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import orjson
 import structlog
 from aiohttp import web
 
 from eventhub.api.context import CONTEXT, SCOPE_ATTR
-from eventhub.errors import EventhubError, Forbidden, PayloadTooLarge, Unauthorized, Unavailable
+from eventhub.errors import (
+    EventhubError,
+    Forbidden,
+    InvalidInput,
+    PayloadTooLarge,
+    Unauthorized,
+    Unavailable,
+)
 
 log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,6 +67,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         return problem(_http_error(exc))
+    except asyncpg.DataError as exc:
+        # A value PostgreSQL cannot take (a NUL byte in a string...): the caller's to fix.
+        return problem(InvalidInput(f"a value cannot be stored or searched: {exc}"[:300]))
     except Exception:
         # Logged once, here; the client learns nothing of the internals.
         log.exception("request_failed", method=request.method, path=request.path)

@@ -210,3 +210,66 @@ async def _wait_letter(
             return doc  # type: ignore[no-any-return]
         assert asyncio.get_running_loop().time() < deadline, doc
         await asyncio.sleep(0.1)
+
+
+async def test_a_second_replay_of_the_same_dead_letter_is_refused_at_once(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    await hub.function("twice", function.url("twice"))
+    await seed(hub, "twice", 2)
+    letters = await hub.dead_letters(function="twice")
+    ids = [d["id"] for d in letters]
+    body = {"ids": ids, "rate": "1/s"}  # slow: the second is still pending when asked again
+    status, first = await api(hub, "POST", "/v1/dead-letters/replay", body)
+    assert status == 202
+    status, problem = await api(hub, "POST", "/v1/dead-letters/replay", {"ids": ids[1:]})
+    assert status == 409 and ids[1] in problem["detail"]
+    status, _ = await api(hub, "POST", f"/v1/replay-jobs/{first['job']['id']}/cancel")
+    assert status == 200
+    # Cancelled: what it had not published yet is free again, and can be replayed.
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        statuses = {d["status"] for d in await hub.dead_letters(function="twice")}
+        if "replaying" not in statuses:
+            break
+        assert asyncio.get_running_loop().time() < deadline, statuses
+        await asyncio.sleep(0.2)
+    status, _ = await api(hub, "POST", "/v1/dead-letters/replay", {"ids": ids[1:]})
+    assert status == 202
+
+
+async def test_replay_and_purge_bodies_are_checked(hub: RunningHub) -> None:
+    await seed(hub, "strict", 1)
+    for path, body, field in [
+        ("/v1/dead-letters/purge", {"filtre": {"function": "x"}, "dryRun": True}, "filtre"),
+        ("/v1/dead-letters/purge", {"dryRun": True}, "ids"),
+        ("/v1/dead-letters/purge", {"ids": ["not-an-id"]}, "ids"),
+        ("/v1/dead-letters/replay", {"filter": {"function": 3}}, "filter.function"),
+        ("/v1/dead-letters/replay", {"filter": {}, "rate": "fast"}, "rate"),
+        ("/v1/dead-letters/replay", {"filter": {}, "dry_run": True}, "dry_run"),
+    ]:
+        status, problem = await api(hub, "POST", path, body)
+        assert status == 400, (path, body, problem)
+        assert problem["errors"][0]["field"] == field, problem
+    status, _ = await api(hub, "GET", "/v1/replay-jobs/not-a-uuid")
+    assert status == 404
+    status, problem = await api(hub, "GET", "/v1/dead-letters?fucntion=x")
+    assert status == 400 and problem["errors"][0]["field"] == "fucntion"
+    assert len(await hub.dead_letters(function="strict")) == 1  # nothing was purged
+
+
+async def test_a_replay_outcome_counts_once(hub: RunningHub, function: FunctionServer) -> None:
+    assert hub.hub is not None
+    await hub.function("once", function.url("once"))
+    await seed(hub, "once", 1)
+    [letter] = await hub.dead_letters(function="once")
+    status, created = await api(hub, "POST", "/v1/dead-letters/replay", {"ids": [letter["id"]]})
+    assert status == 202
+    job = await wait_job(hub, created["job"]["id"])
+    await _wait_letter(hub, letter["id"], lambda d: d["status"] == "resolved")
+    # A redelivered outcome (a lost ack) changes nothing and counts nothing.
+    assert await hub.hub.dead_letters.replay_finished(letter["id"], True, [{}], None) is None
+    _, job = await api(hub, "GET", f"/v1/replay-jobs/{job['id']}")
+    assert (job["succeeded"], job["failed"]) == (1, 0)
+    doc = await _wait_letter(hub, letter["id"], lambda d: True)
+    assert len(doc["attempts"]) == 2

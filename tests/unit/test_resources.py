@@ -137,7 +137,7 @@ SOURCES = {
     "kafka": {"bootstrapServers": ["127.0.0.1:9092"], "topics": ["orders"]},
     "rabbitmq": {"queue": "orders"},
     "mqtt": {"topics": ["sensors/#"]},
-    "minio": {"mode": "webhook"},
+    "minio": {"mode": "webhook", "authToken": "s3cret"},
     "cron": {"schedule": "*/5 * * * *"},
 }
 
@@ -160,6 +160,7 @@ def test_source_accepts_every_type(source_type: str) -> None:
         ({"type": "cron", "schedule": "@every 30s", "timezone": "Mars/Base"}, "spec.timezone"),
         ({"type": "mqtt", "topics": ["a/#/b"]}, "spec.topics"),
         ({"type": "rabbitmq"}, "spec.queue"),
+        ({"type": "minio", "mode": "webhook"}, "spec"),  # a webhook needs its authToken
     ],
 )
 def test_source_options_are_validated_when_declared(spec: dict[str, object], field: str) -> None:
