@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from eventhub.settings import Settings
 from tests.conftest import TOKEN
@@ -39,3 +40,15 @@ async def test_rate_limit_spaces_invocations(settings: Settings, function: Funct
         in_window = sum(1 for t in times[i:] if t - start < 1.0)
         # Slots are 100 ms apart; one more may land in a 1 s window through arrival jitter.
         assert in_window <= 11, in_window
+
+
+async def test_no_burst_after_an_idle_spell(settings: Settings, function: FunctionServer) -> None:
+    async with start_hub(settings, TOKEN) as hub:
+        await hub.function("calm", function.url("calm"), rateLimit="2/s", maxConcurrency=10)
+        await hub.bind("to-calm", "calm")
+        await asyncio.sleep(1.5)  # idle: a slot booked in advance would be long past now
+        await asyncio.gather(*(hub.post_event(f"c{i}", type_="t") for i in range(3)))
+        calls = await function.wait_for(3, "calm")
+    times = sorted(c.at for c in calls)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(gap >= 0.4 for gap in gaps), gaps  # slots 500 ms apart, from the first call on

@@ -60,3 +60,27 @@ async def test_unordered_bindings_run_in_parallel(
     await asyncio.gather(*(hub.post_event(f"f{i}", partitionkey="same") for i in range(5)))
     await function.wait_for(5, "free")
     assert function.max_in_flight >= 3
+
+
+async def test_a_function_named_like_a_lane_keeps_its_own_consumer(
+    hub: RunningHub, function: FunctionServer, settings: Settings
+) -> None:
+    lane_key = next(
+        k
+        for k in (f"k{i}" for i in range(1000))
+        if zlib.crc32(k.encode()) % settings.ordered_lanes == 3
+    )
+    await hub.function("resize", function.url("resize"))
+    await hub.function("resize-o3", function.url("resize-o3"))
+    await hub.bind(
+        "ordered-resize", "resize", ordering="ordered", filter=[{"exact": {"type": "r"}}]
+    )
+    await hub.bind("plain-o3", "resize-o3", filter=[{"exact": {"type": "o"}}])
+    for i in range(3):
+        assert (await hub.post_event(f"r{i}", type_="r", partitionkey=lane_key)).status == 202
+        assert (await hub.post_event(f"o{i}", type_="o")).status == 202
+    await function.wait_for(3, "resize")
+    await function.wait_for(3, "resize-o3")
+    await asyncio.sleep(0.5)
+    assert sorted(c.ce["id"] for c in function.calls_to("resize")) == ["r0", "r1", "r2"]
+    assert sorted(c.ce["id"] for c in function.calls_to("resize-o3")) == ["o0", "o1", "o2"]
