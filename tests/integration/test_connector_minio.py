@@ -1,7 +1,7 @@
 """MinIO source against the real hub (JetStream, PostgreSQL, Redis).
 
 No MinIO server runs here: webhook mode is driven with MinIO's notification samples
-(/work/shared/minio), exactly as MinIO posts them; listen mode talks, through the real ``minio``
+(tests/data/minio), exactly as MinIO posts them; listen mode talks, through the real ``minio``
 SDK, to :class:`FakeMinIO`, just enough of MinIO's HTTP API for the calls the connector makes
 (GetBucketLocation, ListObjectsV2, and ListenBucketNotification: newline-delimited JSON with
 ``" "`` keep-alives every half second, as MinIO writes them).
@@ -30,7 +30,7 @@ import connectors.minio as minio_connector
 from connectors.minio import notification_events
 from tests.support import FunctionServer, HubProcess, RunningHub
 
-SAMPLES = Path("/work/shared/minio")
+SAMPLES = Path(__file__).parents[1] / "data" / "minio"
 TOKEN = "minio-webhook-s3cret"
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 

@@ -350,7 +350,7 @@ async def test_minio_notifications_over_amqp_with_format_s3(
     import pathlib
 
     queue = f"s3-{uuid.uuid4().hex[:8]}"
-    body = pathlib.Path(__file__).parents[3].joinpath("shared/minio/two-records.json").read_bytes()
+    body = (pathlib.Path(__file__).parents[1] / "data/minio/two-records.json").read_bytes()
     connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
     try:
         channel = await connection.channel()

@@ -1,4 +1,4 @@
-"""MinIO notifications to CloudEvents (the samples in /work/shared/minio), the webhook token
+"""MinIO notifications to CloudEvents (the samples in tests/data/minio), the webhook token
 check, reconciliation's pure parts, and the reader thread over the SDK's real stream iterator."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from connectors.minio import (
 )
 from eventhub.sourcespecs import MinIOListen
 
-SAMPLES = Path("/work/shared/minio")
+SAMPLES = Path(__file__).parents[1] / "data" / "minio"
 LISTEN = MinIOListen(endpoint="127.0.0.1:9000", access_key="k", secret_key="s", bucket="uploads")  # type: ignore[arg-type]
 
 
