@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import nats.errors
@@ -154,27 +155,18 @@ class Dispatcher:
             self._deps.metrics.queue_depth.labels(name).set(depth)
 
 
+@dataclass
 class _Deps:
-    def __init__(
-        self,
-        queue: InvocationQueue,
-        invoker: Invoker,
-        state: InvocationState,
-        limiter: RateLimiter,
-        sink: DeadLetterSink,
-        callbacks: Callbacks,
-        settings: Settings,
-        metrics: Metrics,
-    ) -> None:
-        self.queue = queue
-        self.invoker = invoker
-        self.state = state
-        self.limiter = limiter
-        self.sink = sink
-        self.callbacks = callbacks
-        self.settings = settings
-        self.metrics = metrics
-        self.routes: Router | None = None
+    """What every worker of a dispatcher shares."""
+
+    queue: InvocationQueue
+    invoker: Invoker
+    state: InvocationState
+    limiter: RateLimiter
+    sink: DeadLetterSink
+    callbacks: Callbacks
+    settings: Settings
+    metrics: Metrics
 
 
 class FunctionWorker:
