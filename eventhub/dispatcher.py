@@ -2,7 +2,8 @@
 
 One :class:`FunctionWorker` per function pulls from the function's shared durable consumer and
 runs at most ``maxConcurrency`` invocations at once (JetStream's ``max_ack_pending`` holds the same
-limit across processes). A ``rateLimit`` is waited for *before* a message is fetched.
+limit across processes). Under a ``rateLimit`` one message is pulled at a time and waits for
+its slot (kept with ``in_progress``) before the call.
 
 Acknowledgement contract:
 

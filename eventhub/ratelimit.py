@@ -1,9 +1,10 @@
 """A function's ``rateLimit``, held across every hub process with GCRA in Redis.
 
-``reserve`` books the next free slot for the function and returns how long to wait for it; the
-dispatcher waits *before* it fetches a message, so no message and no concurrency slot is held
-while waiting. Slots are spaced evenly (``period / count`` apart, no burst), so no window of any
-length ever sees more than the rate allows.
+``reserve`` books the next free slot for the function and returns how long to wait for it. The
+dispatcher books it once a message is there (one at a time under a rate limit): a slot booked in
+advance would be spent late and let a burst through after an idle spell. Slots are spaced
+evenly (``period / count`` apart, no burst), so no window of any length ever sees more than the
+rate allows.
 """
 
 from __future__ import annotations
