@@ -214,6 +214,10 @@ class ReplayRunner:
 
     async def _replay_one(self, job_id: str, seq: int, dl_id: str, to: str | None) -> None:
         row = await self._store.taken_by(dl_id, job_id)
+        if row is not None and row["status"] != "replaying":
+            # Published before an interruption, and already over: count it, send nothing.
+            await self._mark(job_id, seq, "published")
+            return
         target = to or (row["function"] if row is not None else None)
         if row is None or target is None or target not in self._functions():
             if row is not None:  # nowhere to send it: leave it as it was

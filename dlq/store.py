@@ -196,10 +196,11 @@ class DeadLetterStore:
         }
 
     async def taken_by(self, dl_id: str, job_id: str) -> Any:
-        """The dead letter's row if ``job_id`` holds it for replay, else None."""
+        """The dead letter's row if ``job_id`` took it for replay (its status tells whether
+        that replay is still under way), else None."""
         return await self._pool.fetchrow(
             f"select {_COLUMNS} from dead_letters"  # noqa: S608 - constant columns
-            " where id = $1 and status = 'replaying' and replay_job = $2",
+            " where id = $1 and replay_job = $2",
             dl_id,
             job_id,
         )
