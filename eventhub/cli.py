@@ -235,12 +235,8 @@ def _table(kind: Kind, docs: list[dict[str, Any]]) -> None:
 async def _with_store(settings: Settings, use: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     from eventhub.store import ResourceStore
 
-    pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
-    try:
-        await db.migrate(pool, settings.namespace)
+    async with db.migrated(settings.database_url.get_secret_value(), settings.namespace) as pool:
         return await use(ResourceStore(pool, settings.namespace))
-    finally:
-        await pool.close()
 
 
 @main.command()

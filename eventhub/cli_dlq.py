@@ -27,7 +27,7 @@ from eventhub.queue import InvocationQueue
 from eventhub.resources import Kind
 from eventhub.settings import Settings
 from eventhub.store import ResourceStore
-from eventhub.units import parse_rate
+from eventhub.units import parse_rate, parse_time
 
 T = TypeVar("T")
 
@@ -41,14 +41,11 @@ class _Tools:
 
 def _run(settings: Settings, use: Callable[[_Tools], Coroutine[Any, Any, T]]) -> T:
     async def go() -> T:
-        pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
-        try:
-            await db.migrate(pool, settings.namespace)
+        dsn = settings.database_url.get_secret_value()
+        async with db.migrated(dsn, settings.namespace) as pool:
             store = DeadLetterStore(pool)
             tools = _Tools(store, ReplayJobs(pool, store), ResourceStore(pool, settings.namespace))
             return await use(tools)
-        finally:
-            await pool.close()
 
     return asyncio.run(go())
 
@@ -57,12 +54,11 @@ def _time(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_time(value)
     except ValueError:
         raise InvalidInput(
             f"--{name}: '{value}' is not a time such as 2024-05-01T12:00:00Z"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:

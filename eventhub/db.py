@@ -7,7 +7,9 @@ hub processes starting together do not race.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from importlib import resources as package_files
 from typing import Any
 
@@ -74,3 +76,14 @@ async def migrate(pool: Any, schema: str) -> list[str]:
         finally:
             await conn.execute("select pg_advisory_unlock($1)", lock_key)
     return applied_now
+
+
+@contextlib.asynccontextmanager
+async def migrated(dsn: str, schema: str) -> AsyncIterator[Any]:
+    """A small pool with the migrations applied, closed on exit: for one-off commands."""
+    pool = await connect(dsn, schema)
+    try:
+        await migrate(pool, schema)
+        yield pool
+    finally:
+        await pool.close()

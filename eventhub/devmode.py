@@ -71,12 +71,8 @@ async def _apply_examples(settings: Settings, examples: Path) -> None:
         click.echo(f"no examples at {examples}: nothing applied")
         return
     resources = await asyncio.to_thread(load_path, examples)
-    pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
-    try:
-        await db.migrate(pool, settings.namespace)
+    async with db.migrated(settings.database_url.get_secret_value(), settings.namespace) as pool:
         plan = await ResourceStore(pool, settings.namespace).apply(resources, apply_set="examples")
-    finally:
-        await pool.close()
     changed = len(plan.created) + len(plan.updated)
     click.echo(f"applied {len(resources)} example resources from {examples} ({changed} changed)")
 

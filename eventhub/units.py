@@ -1,12 +1,13 @@
 """Parsing of the human units used in settings and resources: durations (``30s``, ``1m30s``,
 ``250ms``, ``2h``, or a bare number of seconds), rates (``50/s``, ``600/m``, ``1000/h``) and sizes
-(``512KiB``, ``1MB``, ``1048576``)."""
+(``512KiB``, ``1MB``, ``1048576``) and RFC 3339 times."""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -70,6 +71,12 @@ class Rate:
 
     def __str__(self) -> str:
         return f"{self.count:g}/{format_duration(self.period)}"
+
+
+def parse_time(value: str) -> datetime:
+    """An RFC 3339 time (``Z`` or an offset; a time without one is taken as UTC)."""
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def parse_rate(value: str) -> Rate:

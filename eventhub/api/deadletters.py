@@ -35,7 +35,7 @@ from eventhub.api.context import CONTEXT, requires
 from eventhub.errors import Conflict, FieldProblem, InvalidInput, NotFound
 from eventhub.invocations import to_dead_letter_function
 from eventhub.settings import Scope
-from eventhub.units import parse_rate
+from eventhub.units import parse_rate, parse_time
 
 _MAX_LIMIT = 500
 DEFAULT_REPLAY_RATE = "50/s"
@@ -67,10 +67,9 @@ def _time(raw: object, field: str) -> datetime | None:
     if raw is None:
         return None
     try:
-        value = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+        return parse_time(str(raw))
     except ValueError:
         raise _bad(field, "must be an RFC 3339 time such as 2024-05-01T12:00:00Z") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def filter_of(values: Mapping[str, Any], prefix: str = "") -> DeadLetterFilter:
