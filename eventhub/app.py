@@ -218,6 +218,7 @@ class Hub:
             store=self.store,
             router=self.router,
             ingress=self.ingress,
+            queue=self.queue,
             state=self.state,
             dead_letters=self.dead_letters,
             replays=self.replays,

@@ -173,10 +173,51 @@ def _set_paused(kind: str, name: str, *, paused: bool) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("words", nargs=-1, required=True, metavar="[source|function] NAME")
 @handled
-def status(name: str) -> None:
-    """Show what each ingest process reports about a source."""
+def status(words: tuple[str, ...]) -> None:
+    """Show what each ingest process reports about a source, or a function's backlog."""
+    if len(words) == 2 and words[0] in ("source", "function"):
+        kind, name = words
+    elif len(words) == 1:
+        kind, name = "source", words[0]
+    else:
+        fail("usage: eventhub status [source|function] NAME")
+    if kind == "function":
+        _function_status(name)
+    else:
+        _source_status(name)
+
+
+def _function_status(name: str) -> None:
+    import nats
+    import nats.errors
+
+    from eventhub.errors import DependencyDown
+    from eventhub.queue import InvocationQueue
+
+    settings = load_settings()
+
+    async def go() -> tuple[Any, dict[str, int]]:
+        resource = await _with_store(settings, lambda store: store.get(Kind.FUNCTION, name))
+        try:
+            nc = await nats.connect(settings.nats_url.get_secret_value(), max_reconnect_attempts=0)
+        except (nats.errors.Error, OSError) as exc:
+            raise DependencyDown(f"NATS is unreachable: {type(exc).__name__}") from exc
+        try:
+            return resource, await InvocationQueue(nc, settings).function_status(name)
+        finally:
+            await nc.close()
+
+    resource, backlog = asyncio.run(go())
+    click.echo(
+        f"Function/{name} maxConcurrency={resource.model.max_concurrency}"
+        f" queued={backlog['queued']} in-flight={backlog['inFlight']}"
+        f" retrying={backlog['retrying']}"
+    )
+
+
+def _source_status(name: str) -> None:
     import redis.asyncio as aioredis
 
     from eventhub.sources import read_status

@@ -9,12 +9,17 @@ Acknowledgement contract:
 
 ==================  ====================================================================
 function succeeded  ``ack``
-retryable failure   ``nak(delay)``: JetStream redelivers after the backoff
+retryable failure   the next attempt stored in the retry schedule (PubAck), then ``ack``:
+                    the slot is free while it waits (see :mod:`eventhub.retries`). On an
+                    ordered lane, or when the schedule cannot take it: ``nak(delay)``
 final failure       dead letter committed to PostgreSQL (and the dead-letter function's
                     invocation to JetStream), then ``ack``
 cancelled/shutdown  ``nak()`` without delay: handed back for another process now
 hub killed          nothing: JetStream redelivers after ``ack_wait``
 ==================  ====================================================================
+
+The attempt number is the attempts an earlier message of the invocation made (``Eh-Attempts``)
+plus JetStream's delivery count of this one, so a delivery cut short by a crash counts.
 
 While a call runs longer than a third of ``ack_wait``, ``in_progress`` keeps the message ours.
 """
@@ -34,15 +39,16 @@ import structlog
 from nats.aio.msg import Msg
 
 from eventhub.callbacks import Callbacks
-from eventhub.errors import DependencyDown
+from eventhub.errors import DependencyDown, QueueFull
 from eventhub.events import now_rfc3339
-from eventhub.invocations import Invocation, to_dead_letter_function
+from eventhub.invocations import H_ATTEMPTS, H_ENQUEUED, Invocation, to_dead_letter_function
 from eventhub.invoker import Invoker
 from eventhub.metrics import Metrics
 from eventhub.ports import DeadLetterRecord, DeadLetterSink, dead_letter_id
 from eventhub.queue import END, InvocationQueue, Puller
 from eventhub.ratelimit import RateLimiter
 from eventhub.resources import FunctionSpec
+from eventhub.retries import RetrySchedule
 from eventhub.retry import (
     EXHAUSTED,
     EXPIRED,
@@ -86,8 +92,10 @@ class Dispatcher:
         self._sync_lock = asyncio.Lock()
         self._stopped = False
         self._stopping: set[asyncio.Task[None]] = set()  # workers of removed functions
+        self._schedule = RetrySchedule(queue)
 
     async def start(self) -> None:
+        await self._schedule.start()
         self._router.on_change(self._sync)
         await self._sync(self._router.routes)
 
@@ -135,6 +143,7 @@ class Dispatcher:
             await asyncio.gather(*(w.stop(grace) for w in workers))
         if self._stopping:
             await asyncio.wait(set(self._stopping), timeout=grace)
+        await self._schedule.stop()
 
     async def release_resumed(self) -> None:
         """Send on what resumed bindings held while they were paused."""
@@ -151,9 +160,11 @@ class Dispatcher:
                 log.info("binding_released", binding=binding, invocations=moved)
 
     async def refresh_depths(self) -> None:
+        metrics = self._deps.metrics
+        waiting = await self._deps.queue.retries_waiting()
         for name in {function for function, _ in self._workers}:
-            depth = await self._deps.queue.depth(name)
-            self._deps.metrics.queue_depth.labels(name).set(depth)
+            metrics.queue_depth.labels(name).set(await self._deps.queue.depth(name))
+            metrics.retries_waiting.labels(name).set(waiting.get(name, 0))
 
 
 @dataclass
@@ -311,8 +322,12 @@ class FunctionWorker:
             await msg.term()
             return
         meta = msg.metadata
-        attempt = meta.num_delivered
-        age = (datetime.now(UTC) - meta.timestamp).total_seconds()
+        headers = msg.headers or {}
+        attempt = int(headers.get(H_ATTEMPTS) or 0) + meta.num_delivered
+        enqueued = meta.timestamp
+        if H_ENQUEUED in headers:  # a retry: its age counts from the first enqueue
+            enqueued = datetime.fromtimestamp(int(headers[H_ENQUEUED]) / 1000, UTC)
+        age = (datetime.now(UTC) - enqueued).total_seconds()
         with structlog.contextvars.bound_contextvars(
             invocation_id=invocation.id,
             function=self.name,
@@ -322,7 +337,7 @@ class FunctionWorker:
             attempt=attempt,
         ):
             try:
-                await self._attempt(msg, invocation, attempt, age, meta.timestamp)
+                await self._attempt(msg, invocation, attempt, age, enqueued)
             except asyncio.CancelledError:
                 # Not done: hand the message back at once instead of waiting for ack_wait.
                 with contextlib.suppress(Exception):
@@ -365,12 +380,26 @@ class FunctionWorker:
             deps.callbacks.send(invocation, "succeeded", outcome)
         elif isinstance(decision, Retry):
             await deps.state.finished(invocation.id, self.name, "retrying", record)
-            await msg.nak(delay=decision.delay)
+            await self._retry(msg, attempt, decision.delay)
             self._retries.inc()
             self._retried.inc()
             log.info("invocation_retrying", code=outcome.code, delay=round(decision.delay, 3))
         elif isinstance(decision, DeadLetter):
             await self._give_up(msg, invocation, spec, decision.reason, record, enqueued)
+
+    async def _retry(self, msg: Msg, attempt: int, delay: float) -> None:
+        """Wait for the next attempt in the retry schedule, which holds no slot; on an ordered
+        lane, wait on the lane (a retry holds back its key's later events)."""
+        if self.lane is None:
+            due_ms = int((time.time() + delay) * 1000)
+            try:
+                await self._deps.queue.schedule_retry(msg, self.name, due_ms, attempt)
+            except (QueueFull, DependencyDown) as exc:
+                log.warning("retry_schedule_unavailable", error=str(exc))
+            else:
+                await msg.ack()
+                return
+        await msg.nak(delay=delay)
 
     async def _call(
         self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int

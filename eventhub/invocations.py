@@ -13,6 +13,9 @@ for byte. eventhub's own headers ride beside them:
 ``Eh-Ordering-Key``    set by an ordered binding: the event's ``partitionkey`` (may be empty)
 ``Eh-Replay-Of``       set on a replay: the dead letter it replays
 ``traceparent``        W3C trace context, passed on to the function
+``Eh-Attempts``        on a retry: the attempts made before this message (absent: none)
+``Eh-Enqueued``        on a retry: when the invocation was first enqueued (Unix ms)
+``Eh-Due``             on a message waiting in the retry schedule: when it is due (Unix ms)
 =====================  ==========================================================================
 
 Invocation ids are deterministic: the same event (source + id) matched by the same binding always
@@ -42,6 +45,9 @@ H_ORDERING_KEY = "Eh-Ordering-Key"
 H_REPLAY_OF = "Eh-Replay-Of"
 H_TRACEPARENT = "traceparent"
 H_TRACESTATE = "tracestate"
+H_ATTEMPTS = "Eh-Attempts"
+H_ENQUEUED = "Eh-Enqueued"
+H_DUE = "Eh-Due"
 
 
 def event_invocation_id(event: Event, binding: str) -> str:

@@ -58,6 +58,12 @@ class Metrics:
             ["function"],
             registry=r,
         )
+        self.retries_waiting = Gauge(
+            "eventhub_retries_waiting",
+            "Invocations waiting in the retry schedule for their next attempt, by function",
+            ["function"],
+            registry=r,
+        )
         self.source_events = Counter(
             "eventhub_source_events", "Events taken from a source", ["source"], registry=r
         )

@@ -30,6 +30,9 @@ from nats.js.client import JetStreamContext
 
 from eventhub.errors import DependencyDown, QueueFull
 from eventhub.invocations import (
+    H_ATTEMPTS,
+    H_DUE,
+    H_ENQUEUED,
     H_FUNCTION,
     H_INVOCATION_ID,
     H_MSG_ID,
@@ -60,7 +63,11 @@ class InvocationQueue:
         s = self._settings
         config = api.StreamConfig(
             name=self.stream,
-            subjects=[f"{s.namespace}.invoke.>", f"{s.namespace}.held.>"],
+            subjects=[
+                f"{s.namespace}.invoke.>",
+                f"{s.namespace}.held.>",
+                f"{s.namespace}.retry.>",
+            ],
             retention=api.RetentionPolicy.WORK_QUEUE,
             discard=api.DiscardPolicy.NEW,
             max_bytes=s.stream_max_bytes,
@@ -111,10 +118,82 @@ class InvocationQueue:
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise DependencyDown(f"JetStream consumer setup failed for {function}: {exc}") from exc
 
+    async def ensure_retry_consumer(self) -> None:
+        """The retry schedule's consumer, shared by every dispatch process: each waiting retry
+        is a message delivered to it and handed back (``nak``) until it is due. Nothing limits
+        how many wait, and none of them counts toward a function's ``max_ack_pending``."""
+        name = self._settings.retry_consumer
+        config = api.ConsumerConfig(
+            name=name,
+            durable_name=name,
+            filter_subject=self._settings.retry_subject_for(">"),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self._settings.ack_wait,
+            max_ack_pending=-1,
+            max_deliver=-1,
+            max_waiting=_FETCH_WAITING,
+        )
+        try:
+            await self._js.add_consumer(self.stream, config)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise DependencyDown(f"JetStream consumer setup failed for retries: {exc}") from exc
+
     async def puller(self, function: str, lane: int | None = None) -> Puller:
-        puller = Puller(self._nc, self.stream, self._consumer(function, lane))
+        return await self._open_puller(self._consumer(function, lane))
+
+    async def retry_puller(self) -> Puller:
+        return await self._open_puller(self._settings.retry_consumer)
+
+    async def _open_puller(self, consumer: str) -> Puller:
+        puller = Puller(self._nc, self.stream, consumer)
         await puller.open()
         return puller
+
+    async def schedule_retry(self, msg: Msg, function: str, due_ms: int, attempts: int) -> None:
+        """Store the next attempt of the invocation ``msg`` carries in the retry schedule,
+        durably (PubAck), so that ``msg`` can then be acked. Its id derives from ``msg``'s
+        stream sequence: a redelivery of ``msg`` (a crash before its ack) schedules nothing
+        twice."""
+        headers = _successor_headers(msg)
+        headers[H_ATTEMPTS] = str(attempts)
+        headers.setdefault(H_ENQUEUED, str(int(msg.metadata.timestamp.timestamp() * 1000)))
+        headers[H_DUE] = str(due_ms)
+        await self._publish(self._settings.retry_subject_for(function), msg.data, headers)
+
+    async def release_retry(self, msg: Msg) -> None:
+        """Put a due retry back in its function's queue, durably (the caller then acks it)."""
+        headers = _successor_headers(msg)
+        headers.pop(H_DUE, None)
+        await self._publish(self._settings.subject_for(headers[H_FUNCTION]), msg.data, headers)
+
+    async def retries_waiting(self) -> dict[str, int]:
+        """Invocations waiting in the retry schedule, by function."""
+        prefix = self._settings.retry_subject_for("")
+        try:
+            info = await self._js.stream_info(self.stream, subjects_filter=prefix + ">")
+        except nats.js.errors.NotFoundError:
+            return {}
+        subjects = info.state.subjects or {}
+        return {subject[len(prefix) :]: count for subject, count in subjects.items()}
+
+    async def function_status(self, function: str) -> dict[str, int]:
+        """What JetStream knows of a function's backlog, across every process: invocations
+        waiting for a slot, calls in flight, retries waiting for their time."""
+        try:
+            info = await self._js.consumer_info(self.stream, self._consumer(function, None))
+            waiting = await self._js.stream_info(
+                self.stream, subjects_filter=self._settings.retry_subject_for(function)
+            )
+        except nats.js.errors.NotFoundError:
+            return {"queued": 0, "inFlight": 0, "retrying": 0}
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise DependencyDown(f"JetStream is unavailable: {type(exc).__name__}") from exc
+        return {
+            "queued": info.num_pending,
+            "inFlight": info.num_ack_pending,
+            "retrying": sum((waiting.state.subjects or {}).values()),
+        }
 
     async def publish(self, invocation: Invocation) -> bool:
         """Store one invocation durably; False when JetStream saw it already (duplicate)."""
@@ -225,6 +304,16 @@ class InvocationQueue:
                 return 0
             total += sum((info.state.subjects or {}).values())
         return total
+
+
+def _successor_headers(msg: Msg) -> dict[str, str]:
+    """The headers of a message that replaces ``msg``: same invocation, and a message id that
+    is the same for every delivery of ``msg`` and differs for every other message."""
+    headers = dict(msg.headers or {})
+    invocation_id = headers.get(H_INVOCATION_ID) or headers[H_MSG_ID]
+    headers[H_INVOCATION_ID] = invocation_id
+    headers[H_MSG_ID] = f"{invocation_id}/s{msg.metadata.sequence.stream}"
+    return headers
 
 
 END = None  # what Puller.next returns when a pull request is over

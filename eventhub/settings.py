@@ -144,6 +144,16 @@ class Settings(BaseSettings):
     def held_subject_for(self, binding: str) -> str:
         return f"{self.namespace}.held.{binding}"
 
+    def retry_subject_for(self, function: str) -> str:
+        """Where an invocation waits for its next attempt, holding none of the function's
+        concurrency (see eventhub.retries)."""
+        return f"{self.namespace}.retry.{function}"
+
+    @property
+    def retry_consumer(self) -> str:
+        # "_" cannot appear in a function name: no function's consumer is called so.
+        return "retry_schedule"
+
     def consumer_for(self, function: str) -> str:
         return f"fn-{function}"
 

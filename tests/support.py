@@ -43,6 +43,8 @@ class FunctionServer:
     script: dict[str, list[int]] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per path: a status chosen from the call itself (None: the script, then 200, decide).
+    rules: dict[str, Callable[[Call], int | None]] = field(default_factory=dict)
     in_flight: int = 0
     max_in_flight: int = 0
     port: int = 0
@@ -101,8 +103,10 @@ class FunctionServer:
                 self._changed.notify_all()
             if self.delays.get(path):
                 await asyncio.sleep(self.delays[path])
-            queue = self.script.get(path) or []
-            status = queue.pop(0) if queue else 200
+            status = self.rules[path](call) if path in self.rules else None
+            if status is None:
+                queue = self.script.get(path) or []
+                status = queue.pop(0) if queue else 200
             return web.Response(
                 status=status, text=f"status {status}", headers=self.headers.get(path)
             )

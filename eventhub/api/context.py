@@ -13,6 +13,7 @@ from dlq.replay import ReplayJobs
 from dlq.store import DeadLetterStore
 from eventhub.ingress import Ingress
 from eventhub.metrics import Metrics
+from eventhub.queue import InvocationQueue
 from eventhub.routing import Router
 from eventhub.settings import Scope, Settings
 from eventhub.state import InvocationState
@@ -28,6 +29,7 @@ class ApiContext:
     store: ResourceStore
     router: Router
     ingress: Ingress
+    queue: InvocationQueue
     state: InvocationState
     dead_letters: DeadLetterStore
     replays: ReplayJobs

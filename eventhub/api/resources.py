@@ -107,6 +107,17 @@ async def source_status(request: web.Request) -> web.Response:
     )
 
 
+@requires(Scope.ADMIN)
+async def function_status(request: web.Request) -> web.Response:
+    """A function's backlog across every process, as JetStream counts it."""
+    ctx = request.app[CONTEXT]
+    resource = await ctx.store.get(Kind.FUNCTION, request.match_info["name"])
+    backlog = await ctx.queue.function_status(resource.name)
+    return _json(
+        {"name": resource.name, "maxConcurrency": resource.model.max_concurrency, **backlog}
+    )
+
+
 def _read_document(body: bytes, content_type: str) -> dict[str, Any]:
     try:
         doc = orjson.loads(body) if "json" in content_type else yaml.safe_load(body)
@@ -127,3 +138,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"/v1/{pausable}/{{name}}/pause", pause_resource)
     app.router.add_post(f"/v1/{pausable}/{{name}}/resume", resume_resource)
     app.router.add_get("/v1/sources/{name}/status", source_status)
+    app.router.add_get("/v1/functions/{name}/status", function_status)
