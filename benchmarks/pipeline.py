@@ -712,15 +712,21 @@ async def start_minimal(run: Run) -> tuple[Target, Child]:
 
 
 def hub_env(run: Run, port: int) -> dict[str, str]:
+    return hub_env_for(run.args, run.namespace, run.token, port)
+
+
+def hub_env_for(args: argparse.Namespace, namespace: str, token: str, port: int) -> dict[str, str]:
+    """The environment of an ``eventhub run`` child: the services of ``args``, a namespace of
+    its own, and one token with the admin and events scopes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTHUB_")}
     env.update(
-        EVENTHUB_DATABASE_URL=run.args.database_url,
-        EVENTHUB_NATS_URL=run.args.nats_url,
-        EVENTHUB_REDIS_URL=run.args.redis_url,
-        EVENTHUB_NAMESPACE=run.namespace,
+        EVENTHUB_DATABASE_URL=args.database_url,
+        EVENTHUB_NATS_URL=args.nats_url,
+        EVENTHUB_REDIS_URL=args.redis_url,
+        EVENTHUB_NAMESPACE=namespace,
         EVENTHUB_HOST="127.0.0.1",
         EVENTHUB_PORT=str(port),
-        EVENTHUB_TOKENS=json.dumps({run.token: ["admin", "events"]}),
+        EVENTHUB_TOKENS=json.dumps({token: ["admin", "events"]}),
         EVENTHUB_SHUTDOWN_TIMEOUT="5",
     )
     return env
@@ -755,8 +761,16 @@ async def start_eventhub(run: Run) -> tuple[Target, Child]:
 async def clean_up(run: Run) -> None:
     for child in run.children:
         await child.stop()
-    ns, args = run.namespace, run.args
-    streams = [raw_stream(ns)[0], minimal_stream(ns)[0], f"{ns.upper()}_INVOCATIONS"]
+    ns = run.namespace
+    await remove_namespace(run.args, ns, [raw_stream(ns)[0], minimal_stream(ns)[0]])
+
+
+async def remove_namespace(
+    args: argparse.Namespace, ns: str, streams: list[str] | None = None
+) -> None:
+    """Delete what a hub in namespace ``ns`` made (its stream, schema and Redis keys), and the
+    other ``streams`` given."""
+    streams = [*(streams or []), f"{ns.upper()}_INVOCATIONS"]
     with _warn("JetStream"):
         nc = await nats.connect(args.nats_url)
         js = nc.jetstream()
