@@ -131,6 +131,17 @@ def test_pause_resume_and_status(settings: Settings, tmp_path: Path) -> None:
     assert status.stdout.splitlines()[0] == "Source/tick type=cron paused=true"
     missing = eventhub(settings, "pause", "source", "nope")
     assert missing.returncode == 1 and "Source 'nope' does not exist" in missing.stderr
+    assert eventhub(settings, "status", "source", "tick").stdout == status.stdout
+    # No hub has run, so JetStream has neither the stream nor the consumer: nothing waits.
+    backlog = eventhub(settings, "status", "function", "f1")
+    assert backlog.returncode == 0, backlog.stderr
+    assert backlog.stdout.strip() == (
+        "Function/f1 maxConcurrency=10 queued=0 in-flight=0 retrying=0"
+    )
+    unknown = eventhub(settings, "status", "function", "nope")
+    assert unknown.returncode == 1 and "Function 'nope' does not exist" in unknown.stderr
+    wrong = eventhub(settings, "status", "binding", "b")
+    assert wrong.returncode == 2 and "usage: eventhub status" in wrong.stderr
 
 
 def test_dlq_commands(settings: Settings, tmp_path: Path) -> None:
