@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -149,13 +150,13 @@ class Hub:
         await asyncio.gather(*(worker() for _ in range(min(in_flight, len(ids)))))
 
 
-async def _settled(fn: Function, wait: float) -> None:
+async def _settled(fn: Function, wait: float) -> bool:
+    """Whether every awaited event arrived within ``wait`` seconds."""
     try:
         await asyncio.wait_for(fn.done.wait(), wait)
     except TimeoutError:
-        raise RuntimeError(
-            f"{len(fn.awaited)} events awaited: not all arrived within {wait:g} s"
-        ) from None
+        return False
+    return True
 
 
 async def failing_round(
@@ -174,7 +175,8 @@ async def failing_round(
         fn.expect(ids)
         started = time.monotonic()
         await hub.post(http, name, ids)
-        await _settled(fn, 300)
+        if not await _settled(fn, 300):
+            raise RuntimeError(f"{name}: not every event succeeded within 300 s")
         rates.append(n / (max(fn.succeeded.values()) - started))
         calls = sum(fn.calls.values())
         print(f"  {name}: {rates[-1]:.0f} events/s, {calls} calls for {n} events")
@@ -182,7 +184,7 @@ async def failing_round(
 
 
 async def poison_round(
-    hub: Hub, fns: Functions, http: aiohttp.ClientSession, tag: str
+    args: argparse.Namespace, hub: Hub, fns: Functions, http: aiohttp.ClientSession, tag: str
 ) -> tuple[float, float]:
     """Seconds for 100 healthy events to reach the function without poison, then with it."""
     times = []
@@ -197,14 +199,19 @@ async def poison_round(
             poison = [f"poison-{tag}-{i}" for i in range(5)]
             fn.expect(poison)
             await hub.post(http, name, poison)
-            await _settled(fn, 60)
+            if not await _settled(fn, 60):
+                raise RuntimeError(f"{name}: the poison events were never called")
         healthy = [f"{name}-{i}" for i in range(100)]
         fn.expect(healthy)
         started = time.monotonic()
         await hub.post(http, name, healthy)
-        await _settled(fn, 600)
-        times.append(max(fn.first_call[i] for i in healthy) - started)
-        print(f"  {name}: 100 healthy events in {times[-1]:.2f} s")
+        if await _settled(fn, args.give_up):
+            times.append(max(fn.first_call[i] for i in healthy) - started)
+            print(f"  {name}: 100 healthy events in {times[-1]:.2f} s")
+        else:
+            times.append(math.inf)
+            arrived = len(fn.awaited & fn.first_call.keys())
+            print(f"  {name}: {arrived} of 100 healthy events within {args.give_up:g} s")
     return times[0], times[1]
 
 
@@ -228,7 +235,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.rounds):
                 print(f"round {r + 1}")
                 failing.append(await failing_round(hub, fns, http, args.events, f"r{r}"))
-                poison.append(await poison_round(hub, fns, http, f"r{r}"))
+                poison.append(await poison_round(args, hub, fns, http, f"r{r}"))
     finally:
         await child.stop()
         await runner.cleanup()
@@ -279,6 +286,9 @@ def main() -> None:
     p.add_argument("--events", type=int, default=600, help="events of the failing scenario")
     p.add_argument("--service-time", type=float, default=0.05, help="seconds each call takes")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--give-up", type=float, default=120.0, help="seconds to wait for the healthy events"
+    )
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     p.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/test")
