@@ -5,25 +5,29 @@ Outcome        What the connector does with the consumer group
 =============  ====================================================================================
 ack            The offset after a message is committed (``OffsetCommit``, about every 0.5 s and
                on revoke and shutdown) only once ``ctx.deliver`` returned for it and for every
-               earlier message of its partition, i.e. once their invocations are in JetStream.
+               earlier message of its partition, i.e. once their invocations are in JetStream:
+               chunks of 100 records are delivered concurrently (up to 2,000 records in flight,
+               their PubAcks outstanding together) but marked done in offset order, so the
+               commit never passes the lowest offset not yet enqueued.
 nack           Never explicit: a failure (``deliver`` raises, the broker is unreachable, the hub
                stops or dies) leaves the offsets of undelivered messages uncommitted; whichever
                member owns the partition next (this process after its restart, or another one)
                fetches again from the committed offset.
 reject         A message that cannot become an event goes to ``ctx.reject`` (a durable dead letter
                of the source); then it counts as done and its offset is committed with the rest.
-throttled      ``deliver`` waits while ``ctx.room`` is clear, and a partition whose batch is in
-               delivery is paused (``consumer.pause``): the poll loop keeps polling, so the member
-               keeps its partitions, but each partition takes at most one batch (500 records)
-               after the source is throttled, and resumes once that batch is in JetStream, i.e.
-               when there is room again. Above 2,000 records in delivery, every partition pauses.
+throttled      ``deliver`` waits while ``ctx.room`` is clear; while records wait for room, or
+               above 2,000 records in delivery, every partition is paused (``consumer.pause``):
+               the poll loop keeps polling, so the member keeps its partitions, and they resume
+               once there is room again. With an ``ordered`` binding, a partition has one batch
+               (500 records) in delivery at a time and is paused meanwhile, as before
+               pipelining, so its events reach JetStream in offset order.
 rebalance      ``on_partitions_revoked`` cancels the deliveries in progress of the revoked
                partitions, commits what is done and drops the rest: the next owner fetches it
                again, and JetStream deduplicates what was already enqueued.
 =============  ====================================================================================
 
-Partitions are delivered concurrently; one partition's messages reach ``deliver`` in offset order,
-in chunks of up to 100 events (the dispatcher may still invoke them concurrently).
+Partitions, and chunks of one partition, are delivered concurrently (a source with an ordered
+binding: one batch per partition at a time, in offset order); commits follow offset order.
 ``ctx.set_lag`` reports, every 2 s, the messages of the assigned partitions not yet in JetStream
 (log end offset minus the oldest offset not delivered).
 
@@ -45,7 +49,9 @@ CloudEvents Kafka protocol binding, for ``format: auto`` (the rules are in
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,7 +66,7 @@ from connectors.common import Message, Rejected, ssl_context, to_events
 from eventhub.events import Event
 from eventhub.ports import Connector
 from eventhub.resources import Resource
-from eventhub.sources import SourceContext
+from eventhub.sources import Deliveries, SourceContext
 from eventhub.sourcespecs import KafkaSpec
 
 log = structlog.get_logger(__name__)
@@ -106,12 +112,15 @@ class KafkaConnector:
         return _names(self._session.consumer.paused())
 
 
-@dataclass
-class _Batch:
-    """The records of one partition being delivered; ``pending`` = oldest offset not done."""
+@dataclass(eq=False)
+class _Chunk:
+    """Up to ``_CHUNK`` consecutive records of one partition, delivered as one."""
 
+    tp: TopicPartition
     size: int
-    pending: int
+    first: int  # its first offset
+    end: int  # the offset after its last record: the partition's next commit once delivered
+    revoked: bool = False
     task: asyncio.Task[None] | None = None
 
 
@@ -122,11 +131,12 @@ class _Session:
         self.ctx = ctx
         self.consumer = consumer
         self.spec = spec
-        self.batches: dict[TopicPartition, _Batch] = {}
+        self.chunks: dict[TopicPartition, collections.deque[_Chunk]] = {}  # in delivery
+        self.in_flight = 0  # records in delivery
         self.done: dict[TopicPartition, int] = {}  # next offset to commit
         self.committed: dict[TopicPartition, int] = {}
         self.full = False  # too many records in delivery: every partition is paused
-        self._tg: asyncio.TaskGroup | None = None
+        self._deliveries: Deliveries | None = None
 
     async def run(self) -> None:
         try:
@@ -137,12 +147,15 @@ class _Session:
             else:
                 self.consumer.subscribe(topics=list(self.spec.topics), listener=listener)
             async with asyncio.TaskGroup() as tg:
-                self._tg = tg
                 tg.create_task(self._report_lag(), name=f"kafka-lag:{self.ctx.name}")
-                await self._poll()
+                # Never full before ``in_flight`` is: the poll loop must not block on it.
+                async with self.ctx.deliveries(_MAX_IN_FLIGHT + _BATCH) as deliveries:
+                    self._deliveries = deliveries
+                    await self._poll()
         except ExceptionGroup as group:  # a delivery failed: report it, not the group
             raise group.exceptions[0]  # noqa: B904 - the group is its context already
         finally:
+            self._deliveries = None
             with contextlib.suppress(KafkaError, TimeoutError):
                 await asyncio.wait_for(self._commit(), _CLOSE_TIMEOUT)
             with contextlib.suppress(KafkaError, TimeoutError):  # leaving the group is a courtesy
@@ -153,23 +166,28 @@ class _Session:
         while True:
             self._sync_pauses()
             records = await self.consumer.getmany(timeout_ms=_POLL_MS, max_records=_BATCH)
+            # Ordered: a partition's batch is one delivery, its partition paused meanwhile.
+            step = _BATCH if self.ctx.ordered else _CHUNK
             for tp, batch in records.items():
-                if batch:
-                    self._start(tp, batch)
-            self._sync_pauses()  # pause the partitions just handed to a delivery
+                for i in range(0, len(batch), step):
+                    await self._start(tp, batch[i : i + step])
             if time.monotonic() - last_commit >= _COMMIT_EVERY:
                 await self._commit()
                 last_commit = time.monotonic()
 
-    def _start(self, tp: TopicPartition, records: list[Any]) -> None:
-        if tp in self.batches or self._tg is None:
-            raise RuntimeError(f"records of {tp} fetched while a batch of it is in delivery")
-        batch = _Batch(size=len(records), pending=records[0].offset)
-        batch.task = self._tg.create_task(self._deliver(tp, records, batch))
-        self.batches[tp] = batch
+    async def _start(self, tp: TopicPartition, records: list[Any]) -> None:
+        if self._deliveries is None:
+            raise RuntimeError("records fetched outside of the session's deliveries")
+        chunk = _Chunk(tp, len(records), records[0].offset, records[-1].offset + 1)
+        self.chunks.setdefault(tp, collections.deque()).append(chunk)
+        self.in_flight += chunk.size
+        ack = functools.partial(self._delivered, chunk)
+        chunk.task = await self._deliveries.start(self._deliver(chunk, records), ack, lane=tp)
 
-    async def _deliver(self, tp: TopicPartition, records: list[Any], batch: _Batch) -> None:
-        """Deliver one partition's records in order, marking progress after each chunk."""
+    async def _deliver(self, chunk: _Chunk, records: list[Any]) -> None:
+        """Deliver one chunk of a partition's records, ``_CHUNK`` events at a time (chunks run
+        concurrently; they are acknowledged in the order they were started, so per partition
+        in offset order)."""
         events: list[Event] = []
         for record in records:
             try:
@@ -177,30 +195,38 @@ class _Session:
             except Rejected as exc:
                 await self._reject(record, exc.reason)
             if len(events) >= _CHUNK:
-                await self._send(tp, batch, events)
+                await self._send(chunk, events)
                 events = []
-                self._mark(tp, batch, record.offset + 1)
         if events:
-            await self._send(tp, batch, events)
-        self._mark(tp, batch, records[-1].offset + 1)
-        if self.batches.get(tp) is batch:
-            del self.batches[tp]
-        self._sync_pauses()
+            await self._send(chunk, events)
 
-    async def _send(self, tp: TopicPartition, batch: _Batch, events: list[Event]) -> None:
+    async def _send(self, chunk: _Chunk, events: list[Event]) -> None:
         if not self.ctx.room.is_set():
+            tp = chunk.tp
             log.info(
                 "kafka_waiting_for_room",
                 source=self.ctx.name,
                 partition=f"{tp.topic}/{tp.partition}",
-                offset=batch.pending,
+                offset=chunk.first,
                 events=len(events),
             )
         await self.ctx.deliver(events)
 
-    def _mark(self, tp: TopicPartition, batch: _Batch, offset: int) -> None:
-        batch.pending = offset
-        self.done[tp] = offset
+    def _delivered(self, chunk: _Chunk) -> None:
+        """This chunk and every one started before it are in JetStream: commit up to it."""
+        if chunk.revoked:
+            return  # accounted for by ``revoked``
+        self._forget(chunk)
+        self.done[chunk.tp] = chunk.end
+        self._sync_pauses()
+
+    def _forget(self, chunk: _Chunk) -> None:
+        chunks = self.chunks.get(chunk.tp)
+        if chunks is not None:
+            chunks.remove(chunk)
+            if not chunks:
+                del self.chunks[chunk.tp]
+        self.in_flight -= chunk.size
 
     def _events(self, record: Any) -> list[Event]:
         message = to_message(record)
@@ -220,17 +246,19 @@ class _Session:
         await self.ctx.reject(_record_id(record), reason, payload, metadata)
 
     def _sync_pauses(self) -> None:
-        """Pause the partitions in delivery (all of them while too much is in delivery)."""
+        """Pause every partition while too many records are in delivery, or while some wait
+        for room (the source is throttled: take nothing more); for an ordered source, also
+        each partition with a delivery in progress."""
         assigned = self.consumer.assignment()
         if not assigned:
             return
-        in_flight = sum(b.size for b in self.batches.values())
-        full = in_flight >= _MAX_IN_FLIGHT
+        waiting = self.in_flight > 0 and not self.ctx.room.is_set()
+        full = self.in_flight >= _MAX_IN_FLIGHT or waiting
         if full != self.full:
             self.full = full
             event = "kafka_partitions_paused" if full else "kafka_partitions_resumed"
-            log.info(event, source=self.ctx.name, in_flight=in_flight)
-        wanted = set(assigned) if full else set(self.batches) & assigned
+            log.info(event, source=self.ctx.name, in_flight=self.in_flight)
+        wanted = assigned if full else set(self.chunks) & assigned if self.ctx.ordered else set()
         paused = self.consumer.paused()
         if wanted - paused:
             self.consumer.pause(*(wanted - paused))
@@ -257,10 +285,16 @@ class _Session:
         self.committed.update(offsets)
 
     async def revoked(self, partitions: frozenset[TopicPartition]) -> None:
-        batches = [self.batches.pop(tp) for tp in partitions if tp in self.batches]
-        tasks = [b.task for b in batches if b.task is not None]
+        chunks = [c for tp in partitions for c in self.chunks.get(tp, ())]
+        for chunk in chunks:
+            chunk.revoked = True
+            self._forget(chunk)
+        tasks = [c.task for c in chunks if c.task is not None]
         for task in tasks:
-            task.cancel()
+            if self._deliveries is not None:
+                self._deliveries.cancel(task)
+            else:
+                task.cancel()
         if tasks:
             await asyncio.wait(tasks)
         with contextlib.suppress(KafkaError):  # a failed commit here is a redelivery, no loss
@@ -288,8 +322,8 @@ class _Session:
         ends = await self.consumer.end_offsets(assigned)
         lag = 0
         for tp in assigned:
-            batch = self.batches.get(tp)
-            start = batch.pending if batch else await self.consumer.position(tp)
+            chunks = self.chunks.get(tp)
+            start = chunks[0].first if chunks else await self.consumer.position(tp)
             lag += max(0, ends.get(tp, 0) - start)
         return lag
 
@@ -360,6 +394,7 @@ def _key_text(key: bytes | None) -> str | None:
         return None  # a binary key has no text form: no subject, no partitionkey
 
 
+@functools.lru_cache(maxsize=1024)  # records produced together share their milliseconds
 def _timestamp(millis: int | None) -> str | None:
     if millis is None or millis < 0:
         return None

@@ -1,9 +1,12 @@
 """MQTT source: subscribes with a persistent session and acknowledges after the PubAck.
 
 =========  ================================================================================
-ack        PUBACK (QoS 1) / PUBREC (QoS 2), sent only after ``ctx.deliver`` returned, or after
-           ``ctx.reject`` stored a bad message. gmqtt runs with ``optimistic_acknowledgement``
-           off: it acknowledges when our async ``on_message`` returns, which it does only then.
+ack        PUBACK (QoS 1) / PUBREC (QoS 2), sent only after ``ctx.deliver`` returned for the
+           message and every message received before it (or ``ctx.reject`` stored a bad one),
+           so in the order the messages arrived, as MQTT wants. Up to 4 batches are delivered
+           at once; the acknowledgements of a batch leave in one write. gmqtt runs with
+           ``optimistic_acknowledgement`` off and its QoS 1/2 handlers replaced: it sends
+           none of its own.
 nack       none in MQTT. A message not acknowledged stays in flight in the session; once the
            broker's window (``receive_maximum`` 100 for MQTT 5, ``max_inflight_messages`` for
            3.1.1) is full it sends no more, which is how a throttled source stops taking.
@@ -48,6 +51,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import functools
 import itertools
 import os
 import re
@@ -61,8 +65,9 @@ from urllib.parse import quote
 import gmqtt  # type: ignore[import-untyped]
 import orjson
 import structlog
-from gmqtt.mqtt.constants import MQTTv50, MQTTv311  # type: ignore[import-untyped]
+from gmqtt.mqtt.constants import MQTTCommands, MQTTv50, MQTTv311  # type: ignore[import-untyped]
 from gmqtt.mqtt.handler import MQTTConnectError  # type: ignore[import-untyped]
+from gmqtt.mqtt.package import CommandWithMidPacket  # type: ignore[import-untyped]
 
 from connectors.common import Message, Rejected, content_hash, ssl_context, to_events
 from eventhub.events import STRUCTURED, Event
@@ -75,6 +80,7 @@ log = structlog.get_logger(__name__)
 DEFAULT_TYPE = "eventhub.mqtt.message"
 _RECEIVE_MAXIMUM = 100  # MQTT 5: messages the broker may have in flight to us unacknowledged
 _BATCH = 100
+_WINDOW = 4  # batches in delivery at once (the receive maximum bounds their messages)
 _KEEPALIVE = 30
 _CONNECT_TIMEOUT = 15.0
 _CLOSE_TIMEOUT = 5.0
@@ -126,12 +132,51 @@ def client_id(name: str, spec: MQTTSpec) -> Iterator[str]:
 
 
 class _Client(gmqtt.Client):  # type: ignore[misc]
-    """gmqtt's client, minus its own reconnecting, with a gate on acknowledgements."""
+    """gmqtt's client, minus its own reconnecting and its own QoS 1/2 acknowledgements.
+
+    gmqtt runs an async ``on_message`` in a task per message and acknowledges when it returns;
+    here a received QoS 1/2 message goes to ``received`` (plain call, no task), and
+    :meth:`acknowledge` sends the acknowledgements of a batch at once, in order."""
 
     acks_open = True
+    received: Any = None  # (topic, payload, qos, properties, mid) -> None, set by the session
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        handler = self._package_handler
+        for qos in (1, 2):
+            name = f"_handle_qos_{qos}_publish_packet"
+            if not callable(getattr(handler, name, None)):
+                raise RuntimeError(f"this gmqtt has no {name}: the connector cannot ack")
+            setattr(handler, name, functools.partial(self._publish_received, qos))
+
+    def _publish_received(
+        self, qos: int, mid: int, packet: bytes, topic: str | bytes, properties: Any
+    ) -> None:
+        self.received(topic, packet, qos, properties, mid)
 
     async def reconnect(self, delay: bool = False) -> None:
         """Never: the connector fails instead and the supervisor starts a new session."""
+
+    def acknowledge(self, received: list[_Received]) -> None:
+        """PUBACK / PUBREC each QoS 1/2 message of ``received``, in order, in one write."""
+        if not self.acks_open:
+            return
+        protocol = getattr(self._connection, "_protocol", None)
+        if protocol is None:
+            return  # never connected, or gone: the broker redelivers
+        packets = [
+            CommandWithMidPacket.build_package(
+                MQTTCommands.PUBACK if item.qos == 1 else MQTTCommands.PUBREC,
+                item.mid,
+                False,
+                proto_ver=protocol.proto_ver,
+            )
+            for item in received
+            if item.mid is not None
+        ]
+        if packets:
+            protocol.write_data(b"".join(packets))
 
     def _send_command_with_mid(self, cmd: int, mid: int, dup: bool, reason_code: int = 0) -> None:
         # Closed once the session ends: a message that was not delivered is not acknowledged.
@@ -139,18 +184,19 @@ class _Client(gmqtt.Client):  # type: ignore[misc]
             super()._send_command_with_mid(cmd, mid, dup, reason_code=reason_code)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Received:
     topic: str
     payload: bytes
     qos: int
     properties: dict[str, Any]
-    done: asyncio.Future[None]
+    mid: int | None  # None for QoS 0: nothing to acknowledge
 
 
 class _Session:
-    """One connection: gmqtt hands each message to ``_on_message``, which waits until
-    ``_consume`` (one task, in arrival order) has delivered it, then lets gmqtt ack it."""
+    """One connection: gmqtt hands each message to ``_received``, which queues it; ``_consume``
+    (one task, in arrival order) starts the delivery of each batch, and the batches are
+    acknowledged in arrival order once delivered."""
 
     def __init__(self, ctx: SourceContext, spec: MQTTSpec, cid: str) -> None:
         self._ctx = ctx
@@ -159,7 +205,6 @@ class _Session:
         self._v5 = spec.version == "5"
         self._arrived: collections.deque[_Received] = collections.deque()  # bounded by the window
         self._nonempty = asyncio.Event()
-        self._unacked: set[_Received] = set()
         self._lost = asyncio.Event()
         self._lost_reason = "the connection to the MQTT broker was lost"
         self._session_present = False
@@ -169,6 +214,7 @@ class _Session:
             properties["session_expiry_interval"] = min(int(spec.session_expiry), 0xFFFFFFFF)
         client = _Client(cid, clean_session=False, optimistic_acknowledgement=False, **properties)
         client.on_message = self._on_message
+        client.received = self._received
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -264,25 +310,20 @@ class _Session:
                     await self._client.disconnect()
         except (OSError, TimeoutError) as exc:
             log.info("mqtt_close_failed", source=self._ctx.name, error=str(exc))
-        finally:
-            # Let gmqtt's handlers return: with the gate closed, no acknowledgement leaves.
-            for item in self._unacked:
-                if not item.done.done():
-                    item.done.set_result(None)
-            self._unacked.clear()
 
     async def _consume(self) -> None:
         batch_size = min(_BATCH, self._spec.high_water_mark)
-        while True:
-            await self._nonempty.wait()
-            batch = [self._arrived.popleft() for _ in range(min(batch_size, len(self._arrived)))]
-            if not self._arrived:
-                self._nonempty.clear()
-            await self._deliver(batch)
-            for item in batch:
-                self._unacked.discard(item)
-                if not item.done.done():
-                    item.done.set_result(None)
+        async with self._ctx.deliveries(_WINDOW) as deliveries:
+            while True:
+                await self._nonempty.wait()
+                arrived = self._arrived
+                batch = [arrived.popleft() for _ in range(min(batch_size, len(arrived)))]
+                if not arrived:
+                    self._nonempty.clear()
+                await deliveries.start(self._deliver(batch), functools.partial(self._ack, batch))
+
+    def _ack(self, batch: list[_Received]) -> None:
+        self._client.acknowledge(batch)
 
     async def _deliver(self, batch: list[_Received]) -> None:
         events: list[Event] = []
@@ -295,19 +336,20 @@ class _Session:
         if events:
             await self._ctx.deliver(events)
 
-    async def _on_message(
-        self, client: Any, topic: str | bytes, payload: bytes, qos: int, properties: Any
-    ) -> int:
+    def _received(
+        self, topic: str | bytes, payload: bytes, qos: int, properties: Any, mid: int | None
+    ) -> None:
         if isinstance(topic, bytes):  # gmqtt passes a topic that is not UTF-8 undecoded
             topic = topic.decode("utf-8", "replace")
-        item = _Received(
-            topic, payload, qos, dict(properties), asyncio.get_running_loop().create_future()
-        )
-        self._unacked.add(item)
-        self._arrived.append(item)
+        self._arrived.append(_Received(topic, payload, qos, properties, mid))
         self._nonempty.set()
-        await item.done
-        return 0  # the PUBACK / PUBREC reason code: success
+
+    def _on_message(
+        self, client: Any, topic: str | bytes, payload: bytes, qos: int, props: Any
+    ) -> int:
+        """QoS 0 only (gmqtt calls it for those): nothing to acknowledge."""
+        self._received(topic, payload, qos, props, None)
+        return 0
 
     def _on_connect(self, client: Any, flags: int, rc: int, properties: Any) -> None:
         self._session_present = bool(flags)

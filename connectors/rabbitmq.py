@@ -4,13 +4,16 @@
 Outcome        What the connector does on the AMQP channel
 =============  ====================================================================================
 ack            ``basic.ack`` (``multiple`` up to the last message of a batch) only after
-               ``ctx.deliver`` returned, i.e. once every invocation is durably in JetStream.
+               ``ctx.deliver`` returned for that batch and every earlier one, i.e. once every
+               invocation of every message up to that delivery tag is durably in JetStream.
+               Up to 3 batches are delivered at once (their PubAcks in flight together); the
+               acks leave in delivery-tag order.
 nack           Never sent one by one: a failure (``deliver`` raises, the connection or channel
                drops, the broker cancels the consumer, the hub stops) leaves the run, which closes
                the connection; RabbitMQ requeues every unacknowledged message and redelivers it
                (``redelivered`` flag set), to this or another consumer of the queue.
 reject         A message that cannot become an event goes to ``ctx.reject`` (a durable dead letter
-               of the source), then it is acked: it never comes back.
+               of the source), then it is acked with its batch: it never comes back.
 throttled      ``deliver`` waits while ``ctx.room`` is clear; the channel's ``prefetch`` bounds what
                the broker sends meanwhile. aiormq answers heartbeats on its own reader task, so the
                connection stays up. RabbitMQ's ``consumer_timeout`` (30 min by default) closes a
@@ -34,6 +37,7 @@ CloudEvents AMQP binding, for ``format: auto`` (the rules are in :mod:`connector
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -49,7 +53,7 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from yarl import URL
 
 from connectors.common import Message, Rejected, content_hash, ssl_context, to_events
-from eventhub.events import canonical
+from eventhub.events import Event, canonical
 from eventhub.ports import Connector
 from eventhub.resources import Resource
 from eventhub.sources import SourceContext
@@ -60,6 +64,8 @@ log = structlog.get_logger(__name__)
 DEFAULT_TYPE = "eventhub.rabbitmq.message"
 _CE_PREFIXES = ("cloudEvents:", "cloudEvents_")
 _BATCH = 100  # messages per ctx.deliver, at most (and at most what the broker has sent)
+_GATHER_ROUNDS = 4
+_WINDOW = 3  # batches in delivery at once (the channel's prefetch bounds their messages)
 _LAG_EVERY = 5.0
 _CONNECT_TIMEOUT = 10.0
 # Context attribute names a header must not shadow when it becomes an extension.
@@ -137,22 +143,31 @@ class RabbitMQConnector:
         await queue.consume(inbox.put, no_ack=False)
 
     async def _consume(self, ctx: SourceContext, inbox: asyncio.Queue[_Item]) -> None:
-        while True:
-            batch = await _next_batch(inbox)
-            events, last = [], None
-            for message in batch:
-                try:
-                    events.extend(to_events(self.message(message), self.spec, DEFAULT_TYPE))
-                except Rejected as exc:
-                    metadata = self._extensions(message)
-                    await ctx.reject(self._id(message), exc.reason, message.body, metadata)
-                    await message.ack()
-                    continue
-                last = message
-            if last is not None:
-                await ctx.deliver(events)
-                # Every earlier delivery tag is in this batch or already acked.
-                await last.ack(multiple=True)
+        """Batches are delivered concurrently (up to ``_WINDOW``) and acked in delivery order:
+        a batch's ``multiple`` ack covers its own messages and every earlier delivery tag, all
+        of which belong to batches already acked or to this one."""
+        acks = _Acks()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(acks.send(), name=f"amqp-acks:{self.name}")
+                async with ctx.deliveries(_WINDOW) as deliveries:
+                    while True:
+                        batch = await _next_batch(inbox)
+                        ack = functools.partial(acks.ack, batch[-1])
+                        await deliveries.start(self._deliver(ctx, batch), ack)
+        except ExceptionGroup as group:  # one failure is the story: the supervisor reports it
+            raise group.exceptions[0]  # noqa: B904 - the group is its context already
+
+    async def _deliver(self, ctx: SourceContext, batch: list[AbstractIncomingMessage]) -> None:
+        events: list[Event] = []
+        for message in batch:
+            try:
+                events.extend(to_events(self.message(message), self.spec, DEFAULT_TYPE))
+            except Rejected as exc:  # stored now, acked with its batch
+                metadata = self._extensions(message)
+                await ctx.reject(self._id(message), exc.reason, message.body, metadata)
+        if events:
+            await ctx.deliver(events)
 
     def message(self, message: AbstractIncomingMessage) -> Message:
         """A wrapped message becomes an event with:
@@ -230,10 +245,39 @@ class RabbitMQConnector:
             await asyncio.sleep(_LAG_EVERY)
 
 
+class _Acks:
+    """The last message of the latest batch delivered (with every earlier one): one task sends
+    its ``basic.ack multiple``, so acks that pile up while one is written leave as one."""
+
+    def __init__(self) -> None:
+        self._last: AbstractIncomingMessage | None = None
+        self._ready = asyncio.Event()
+
+    def ack(self, message: AbstractIncomingMessage) -> None:
+        self._last = message
+        self._ready.set()
+
+    async def send(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            message, self._last = self._last, None
+            if message is not None:
+                await message.ack(multiple=True)
+
+
 async def _next_batch(inbox: asyncio.Queue[_Item]) -> list[AbstractIncomingMessage]:
-    """Wait for one message, then take what has already arrived, up to ``_BATCH``."""
+    """Wait for one message, then take what has already arrived, up to ``_BATCH``.
+
+    aio-pika hands each message over in a task of its own, so the messages of one socket read
+    arrive over the next few loop iterations: waiting for a couple of them makes batches (and
+    NATS writes) larger for the cost of microseconds."""
     batch: list[AbstractIncomingMessage] = []
     item = await inbox.get()
+    for _ in range(_GATHER_ROUNDS):
+        if inbox.qsize() + 1 >= _BATCH:
+            break
+        await asyncio.sleep(0)
     while True:
         if isinstance(item, BaseException):
             # The channel is gone: its unacked messages (this batch too) are requeued.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ class Ingress:
         self._queue = queue
         self._state = state
         self._metrics = metrics
-        self._depths: dict[str, tuple[float, int]] = {}
+        self._depths: tuple[float, dict[str, int]] = (-_DEPTH_TTL, {})
 
     async def submit(
         self,
@@ -60,31 +61,38 @@ class Ingress:
         ``record_queued`` writes their 'queued' state, for callers that hand the ids out (the
         HTTP API); connectors skip it, and their invocations' state starts at dispatch."""
         routes = self._router.routes
-        invocations = [
-            Invocation(
-                id=event_invocation_id(event, route.binding),
-                function=route.function,
-                event=event,
-                binding=route.binding,
-                traceparent=trace.traceparent or new_traceparent(),
-                tracestate=trace.tracestate,
-                held=route.paused,
-                ordering_key=event.attributes.get("partitionkey", "") if route.ordered else None,
-            )
-            for event in events
-            for route in routes.match(source, event)
-        ]
+        traceparent, tracestate = trace.traceparent, trace.tracestate
+        invocations: list[Invocation] = []
+        unrouted = 0
+        for event in events:
+            matched = routes.match(source, event)
+            if not matched:
+                unrouted += 1
+            for route in matched:
+                invocations.append(
+                    Invocation(
+                        id=event_invocation_id(event, route.binding),
+                        function=route.function,
+                        event=event,
+                        binding=route.binding,
+                        traceparent=traceparent or new_traceparent(),
+                        tracestate=tracestate,
+                        held=route.paused,
+                        ordering_key=(
+                            event.attributes.get("partitionkey", "") if route.ordered else None
+                        ),
+                    )
+                )
         self._metrics.events_in.labels(source).inc(len(events))
-        routed = {i.event.id for i in invocations}
-        unrouted = sum(1 for e in events if e.id not in routed)
         if unrouted:
             self._metrics.events_unrouted.labels(source).inc(unrouted)
         if invocations:
             await self._queue.publish_all(invocations)
             if record_queued:
                 await self._state.queued([(i.id, i.function) for i in invocations])
-            for invocation in invocations:
-                self._metrics.invocations_enqueued.labels(invocation.function).inc()
+            # One metric update per function, not per invocation (a hot path for sources).
+            for function, count in Counter(i.function for i in invocations).items():
+                self._metrics.invocations_enqueued.labels(function).inc(count)
         return invocations
 
     async def enqueue(self, invocation: Invocation) -> bool:
@@ -93,16 +101,15 @@ class Ingress:
 
     async def above_high_water(self, source: str, limit: int) -> bool:
         """Whether a function bound to ``source`` has ``limit`` or more invocations waiting
-        (depths cached for a second, so a busy webhook costs one lookup per function per s)."""
+        (every function's depth, cached for a second: a busy webhook costs one lookup a second)."""
         now = time.monotonic()
-        for route in self._router.routes.bindings_of(source):
-            cached = self._depths.get(route.function)
-            if cached is None or now - cached[0] > _DEPTH_TTL:
-                cached = (now, await self._queue.depth(route.function))
-                self._depths[route.function] = cached
-            if cached[1] >= limit:
-                return True
-        return False
+        if now - self._depths[0] > _DEPTH_TTL:
+            self._depths = (now, await self._queue.depths())
+        depths = self._depths[1]
+        return any(
+            depths.get(route.function, 0) >= limit
+            for route in self._router.routes.bindings_of(source)
+        )
 
     async def invoke(
         self,

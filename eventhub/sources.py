@@ -15,16 +15,28 @@ A connector talks to the hub only through its :class:`SourceContext`:
   (``room`` is clear) instead of failing: the connector stops taking, nothing is dropped.
 - ``reject(...)`` stores a message that cannot become an event as a dead letter of the source,
   durably, so the connector can acknowledge it and move on.
+- ``deliveries(window)`` pipelines: up to ``window`` deliveries in flight at once, each
+  acknowledged (its ``ack`` called) only once it and every delivery started before it have
+  returned, so the transport hears of them in the order it sent them (see :class:`Deliveries`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Hashable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,6 +63,110 @@ _ROOM_EVERY = 1.0
 _BACKOFF_MAX = 30.0
 _STOP_TIMEOUT = 10.0
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+Ack = Callable[[], None]
+
+
+class Deliveries:
+    """Deliveries in flight, acknowledged in the order they were started.
+
+    ``start(work, ack)`` waits until fewer than ``window`` are in flight, then runs ``work`` (a
+    coroutine that converts messages and calls ``ctx.deliver`` / ``ctx.reject``) in a task of
+    its own. ``ack`` (a plain function: it sends or records the acknowledgement, it does not
+    wait) is called as soon as that work and the work of every earlier ``start`` have returned,
+    in start order, from the completion of the work itself: a transport whose acknowledgements
+    are cumulative (an AMQP ``multiple`` ack, a Kafka offset) never acknowledges a message
+    whose invocations are not all in JetStream, and an acknowledgement leaves without waiting
+    for a task to be scheduled. Work that the connector cancels itself (a revoked Kafka
+    partition, through :meth:`cancel`) is skipped: its ``ack`` never runs; work cancelled any
+    other way (the block being torn down) stops every later ``ack``. Work that fails (or an
+    ``ack`` that raises) fails the block: the work in flight is cancelled, no later ``ack``
+    runs, and the failure leaves the block as itself (not an ExceptionGroup). Leaving the
+    block without an error waits for the work in flight and its acks.
+
+    While a binding of the source is ``ordered``, work is not concurrent within a ``lane``
+    (the whole source unless the connector names lanes, e.g. Kafka partitions): a ``start``
+    waits until the work of the lanes it names is acknowledged, so that ordered invocations
+    reach JetStream in the transport's order, as they did without pipelining."""
+
+    def __init__(self, ctx: SourceContext, tasks: asyncio.TaskGroup, window: int) -> None:
+        self._ctx = ctx
+        self._tasks = tasks
+        self._free = asyncio.Semaphore(window)
+        # Bounded by ``window``: an entry is added after a place is taken, removed before freed.
+        self._started: collections.deque[_Started] = collections.deque()
+        self._acked = asyncio.Event()  # set after each ack, and on a failed ack
+        self._failure: BaseException | None = None
+        self._closing = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._started)
+
+    async def start(
+        self, work: Coroutine[Any, Any, None], ack: Ack, lane: Hashable = None
+    ) -> asyncio.Task[None]:
+        try:
+            await self._free.acquire()
+            while self._ctx.ordered and self._busy(lane):
+                self._acked.clear()
+                await self._acked.wait()
+        except BaseException:
+            work.close()  # never started: nothing to acknowledge
+            raise
+        task = self._tasks.create_task(work)
+        self._started.append(_Started(task, ack, lane))
+        task.add_done_callback(self._settle)
+        return task
+
+    def cancel(self, task: asyncio.Task[None]) -> None:
+        """Give up ``task``'s work: it is skipped, and the acks after it go on."""
+        for started in self._started:
+            if started.task is task:
+                started.skipped = True
+        task.cancel()
+
+    def _busy(self, lane: Hashable) -> bool:
+        return any(lane is None or s.lane is None or s.lane == lane for s in self._started)
+
+    def _settle(self, _done: asyncio.Task[None]) -> None:
+        """Acknowledge the finished work at the head of the line, in start order."""
+        started = self._started
+        while started and self._failure is None:
+            head = started[0]
+            if not head.task.done():
+                return
+            if head.task.cancelled() and not head.skipped:
+                return  # torn down: nothing after it may be acknowledged
+            if not head.task.cancelled():
+                if head.task.exception() is not None:
+                    return  # the task group cancels the rest and raises it
+                try:
+                    head.ack()
+                except Exception as exc:  # raised by ``_watch``, in the task group
+                    self._failure = exc
+            started.popleft()
+            self._free.release()
+            self._acked.set()
+
+    async def _watch(self) -> None:
+        """Fails the block when an ack failed; ends once closing and everything is acked."""
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            if self._closing and not self._started:
+                return
+            self._acked.clear()
+            await self._acked.wait()
+
+
+@dataclass(slots=True)
+class _Started:
+    task: asyncio.Task[None]
+    ack: Ack
+    lane: Hashable
+    skipped: bool = False
 
 
 class SourceContext:
@@ -84,6 +200,26 @@ class SourceContext:
             self.supervisor.metrics.source_events.labels(self.name).inc(len(events))
             self.supervisor.metrics.source_last_event.labels(self.name).set(self.last_event_at)
             return
+
+    @property
+    def ordered(self) -> bool:
+        """Whether a binding of this source keeps the order of its events."""
+        return any(route.ordered for route in self.supervisor.router.routes.bindings_of(self.name))
+
+    @contextlib.asynccontextmanager
+    async def deliveries(self, window: int) -> AsyncIterator[Deliveries]:
+        """A :class:`Deliveries` block, its tasks owned by it."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                deliveries = Deliveries(self, tasks, window)
+                tasks.create_task(deliveries._watch(), name=f"acks:{self.name}")
+                try:
+                    yield deliveries
+                finally:
+                    deliveries._closing = True
+                    deliveries._acked.set()
+        except ExceptionGroup as group:  # one failure is the story: the supervisor reports it
+            raise group.exceptions[0]  # noqa: B904 - the group is its context already
 
     async def reject(
         self, message_id: str, reason: str, payload: bytes, metadata: Mapping[str, str]
@@ -277,16 +413,13 @@ class SourceSupervisor:
 
     async def _update_room(self, runners: list[SourceRunner]) -> None:
         routes = self.router.routes
-        depths: dict[str, int] = {}
+        depths = await self.queue.depths() if runners else {}  # one request for every function
         for runner in runners:
             ctx = runner.ctx
             limit = ctx.spec.high_water_mark
-            full = False
-            for route in routes.bindings_of(ctx.name):
-                if route.function not in depths:
-                    depths[route.function] = await self.queue.depth(route.function)
-                depth = depths[route.function]
-                full = full or depth >= limit
+            full = any(
+                depths.get(route.function, 0) >= limit for route in routes.bindings_of(ctx.name)
+            )
             if full and ctx.room.is_set():
                 log.info("source_throttled", source=ctx.name, high_water_mark=limit)
                 ctx.room.clear()

@@ -394,3 +394,26 @@ async def test_a_filter_removed_from_topics_is_unsubscribed_from_the_session(
     await until(lambda: any(c.body == b"kept" for c in function.calls), 5)
     await asyncio.sleep(0.3)
     assert [c.body for c in function.calls if not c.body.startswith(b"probe")] == [b"kept"]
+
+
+async def test_more_messages_than_the_receive_window_flow_and_are_acked_in_order(
+    forget: Forget, hub: RunningHub, function: FunctionServer
+) -> None:
+    """Deliveries are pipelined, and the broker sends no more than 100 unacknowledged messages:
+    350 can only all arrive if the PUBACKs leave; and a new session gets none of them again."""
+    source, prefix = names()
+    forget(f"eventhub-{source}")
+    await prime(f"eventhub-{source}", f"{prefix}/#")
+    await hub.function("fn", function.url("fn"), maxConcurrency=50)
+    await hub.put("sources", source, {"type": "mqtt", "topics": [f"{prefix}/#"]})
+    await hub.bind(f"{source}-b", "fn", source=source)
+    await wait_bound(hub, source)
+    payloads = [f'{{"i": {i}}}' for i in range(350)]
+    await publish_all(f"{prefix}/many", payloads)
+    calls = await function.wait_for(350, "fn", wait=30)
+    assert sorted(c.body for c in calls) == sorted(p.encode() for p in payloads)
+    # Restart the source: had a PUBACK not left, the session would redeliver that message.
+    await hub.put("sources", source, {"type": "mqtt", "topics": [f"{prefix}/#"], "eventType": "x"})
+    await probe(f"{prefix}/probe", function)
+    await asyncio.sleep(0.5)
+    assert len([c for c in function.calls_to("fn") if ce(c)["subject"] == f"{prefix}/many"]) == 350

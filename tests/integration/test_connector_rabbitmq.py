@@ -374,3 +374,116 @@ async def test_minio_notifications_over_amqp_with_format_s3(
         await declared.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
+
+
+# The in-order acknowledgement every connector relies on (``SourceContext.deliveries``), with
+# the broker out of the picture: deliveries finish in any order, acks leave in start order.
+
+
+def _context(ordered: bool = False) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name="contract", ordered=ordered)
+
+
+def _deliveries(ctx: Any, window: int) -> Any:
+    from eventhub.sources import SourceContext
+
+    return SourceContext.deliveries(ctx, window)
+
+
+async def test_deliveries_are_acked_in_start_order_whatever_order_they_finish() -> None:
+    gates = [asyncio.Event() for _ in range(4)]
+    acked: list[int] = []
+
+    async def work(i: int) -> None:
+        await gates[i].wait()
+
+    def ack(i: int) -> Callable[[], None]:
+        return lambda: acked.append(i)
+
+    async with _deliveries(_context(), 4) as deliveries:
+        for i in range(4):
+            await deliveries.start(work(i), ack(i))
+        gates[3].set()
+        gates[2].set()
+        await asyncio.sleep(0.05)
+        assert acked == []  # 2 and 3 are in JetStream, but 0 is not: nothing acknowledged
+        gates[0].set()
+        await asyncio.sleep(0.05)
+        assert acked == [0]
+        gates[1].set()
+    assert acked == [0, 1, 2, 3]  # leaving the block waits for what is in flight
+
+
+async def test_a_failed_delivery_stops_every_later_ack_and_is_raised_as_itself() -> None:
+    acked: list[int] = []
+    later_done = asyncio.Event()
+
+    async def ok() -> None:
+        pass
+
+    async def fail() -> None:
+        await asyncio.sleep(0.05)
+        raise ConnectionError("JetStream is gone")
+
+    async def later() -> None:
+        later_done.set()
+
+    def ack(i: int) -> Callable[[], None]:
+        return lambda: acked.append(i)
+
+    with pytest.raises(ConnectionError, match="JetStream is gone"):
+        async with _deliveries(_context(), 8) as deliveries:
+            await deliveries.start(ok(), ack(0))
+            await deliveries.start(fail(), ack(1))
+            await deliveries.start(later(), ack(2))
+            await asyncio.sleep(5)  # cancelled by the failure
+    assert later_done.is_set()
+    assert acked == [0]  # 2 was delivered, but an earlier one was not: never acknowledged
+
+
+async def test_deliveries_in_flight_are_bounded_and_ordered_sources_go_one_lane_at_a_time() -> None:
+    for ordered, lanes, most in ((False, "ab", 3), (True, "aa", 1), (True, "ab", 2)):
+        running, peak = 0, 0
+
+        async def work() -> None:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.02)
+            running -= 1
+
+        def ack() -> None:
+            pass
+
+        async with _deliveries(_context(ordered), 3) as deliveries:
+            for i in range(12):
+                await deliveries.start(work(), ack, lane=lanes[i % 2])
+        assert peak == most, (ordered, lanes, peak)
+
+
+async def test_torn_down_deliveries_ack_nothing_after_the_first_unfinished_one() -> None:
+    """The connection drops while 0 is in flight and 1 is done: 1 must not be acknowledged (an
+    AMQP ``multiple`` ack would cover 0 too); a connector's own cancel only skips its work."""
+    acked: list[int] = []
+    gate = asyncio.Event()
+
+    async def slow() -> None:
+        await gate.wait()
+
+    async def done() -> None:
+        pass
+
+    with pytest.raises(ConnectionError):
+        async with _deliveries(_context(), 8) as deliveries:
+            await deliveries.start(slow(), lambda: acked.append(0))
+            await deliveries.start(done(), lambda: acked.append(1))
+            await asyncio.sleep(0.05)
+            raise ConnectionError("the AMQP channel closed")
+    assert acked == []
+    async with _deliveries(_context(), 8) as deliveries:
+        skipped = await deliveries.start(slow(), lambda: acked.append(2))
+        await deliveries.start(done(), lambda: acked.append(3))
+        deliveries.cancel(skipped)  # e.g. a revoked Kafka partition
+    assert acked == [3]
