@@ -12,6 +12,9 @@ function succeeded  ``ack``
 retryable failure   the next attempt stored in the retry schedule (PubAck), then ``ack``:
                     the slot is free while it waits (see :mod:`eventhub.retries`). On an
                     ordered lane, or when the schedule cannot take it: ``nak(delay)``
+redelivered         (not on an ordered lane) not called: stored in the retry schedule, due
+                    now, under the id a retry of the delivery before would have had, then
+                    ``ack``; so a crash can never leave two live messages of one invocation
 final failure       dead letter committed to PostgreSQL (and the dead-letter function's
                     invocation to JetStream), then ``ack``
 cancelled/shutdown  ``nak()`` without delay: handed back for another process now
@@ -64,9 +67,14 @@ from eventhub.settings import Settings
 from eventhub.state import AttemptRecord, InvocationState
 
 log = structlog.get_logger(__name__)
-_PULL_EXPIRES = 30.0
+# An idle pull request costs a heartbeat message every _PULL_HEARTBEAT s and a new request
+# every _PULL_EXPIRES s, per consumer: long ones keep a hub of 1,000 functions idle. A request
+# lost in a reconnect is replaced within seconds all the same (see Puller.next).
+_PULL_EXPIRES = 120.0
 _RUNNING_AFTER = 0.05
-_PULL_HEARTBEAT = 5.0
+_PULL_HEARTBEAT = 30.0
+_CONSUMER_SETUPS = 32
+_RESCHEDULE_LATER = 5.0  # seconds before a redelivery tries the retry schedule again
 
 
 class Dispatcher:
@@ -104,10 +112,16 @@ class Dispatcher:
             if self._stopped:
                 return
             wanted = self._wanted(routes)
+            await self._ensure_consumers(
+                [
+                    (key, spec)
+                    for key, spec in wanted.items()
+                    if key not in self._workers
+                    or self._workers[key].spec.max_concurrency != spec.max_concurrency
+                ]
+            )
             for key, spec in wanted.items():
                 worker = self._workers.get(key)
-                if worker is None or worker.spec.max_concurrency != spec.max_concurrency:
-                    await self._deps.queue.ensure_consumer(key[0], spec.max_concurrency, key[1])
                 if worker is None:
                     worker = FunctionWorker(key[0], spec, self._deps, lane=key[1])
                     self._workers[key] = worker
@@ -121,6 +135,20 @@ class Dispatcher:
                 )
                 self._stopping.add(task)
                 task.add_done_callback(self._stopping.discard)
+
+    async def _ensure_consumers(
+        self, changed: list[tuple[tuple[str, int | None], FunctionSpec]]
+    ) -> None:
+        """Create or update consumers, _CONSUMER_SETUPS at a time (one after another, a hub of
+        1,000 functions spent seconds at start on them)."""
+        queue = self._deps.queue
+        for i in range(0, len(changed), _CONSUMER_SETUPS):
+            await asyncio.gather(
+                *(
+                    queue.ensure_consumer(function, spec.max_concurrency, lane)
+                    for (function, lane), spec in changed[i : i + _CONSUMER_SETUPS]
+                )
+            )
 
     def _wanted(self, routes: Routes) -> dict[tuple[str, int | None], FunctionSpec]:
         """A worker per function, and per ordered lane of a function that has (or had: its
@@ -160,10 +188,13 @@ class Dispatcher:
                 log.info("binding_released", binding=binding, invocations=moved)
 
     async def refresh_depths(self) -> None:
+        """Two stream_info requests for every function together (two per function cost a
+        1,000-function hub about 10 % of a core while idle)."""
         metrics = self._deps.metrics
+        depths = await self._deps.queue.depths()
         waiting = await self._deps.queue.retries_waiting()
         for name in {function for function, _ in self._workers}:
-            metrics.queue_depth.labels(name).set(await self._deps.queue.depth(name))
+            metrics.queue_depth.labels(name).set(depths.get(name, 0))
             metrics.retries_waiting.labels(name).set(waiting.get(name, 0))
 
 
@@ -350,6 +381,9 @@ class FunctionWorker:
         spec, deps = self.spec, self._deps
         if attempt > 1 and await self._already_dead(msg, invocation, spec):
             return
+        if self.lane is None and msg.metadata.num_delivered > 1:
+            await self._reschedule(msg, attempt)
+            return
         if expired(age, spec.max_event_age) or attempt > spec.retry.max_attempts:
             reason = EXPIRED if expired(age, spec.max_event_age) else EXHAUSTED
             await self._give_up(msg, invocation, spec, reason, None, enqueued)
@@ -400,6 +434,25 @@ class FunctionWorker:
                 await msg.ack()
                 return
         await msg.nak(delay=delay)
+
+    async def _reschedule(self, msg: Msg, attempt: int) -> None:
+        """A message delivered again (its holder crashed or handed it back) is not called:
+        the delivery before may have stored the invocation's next message in the schedule
+        already, between that PubAck and its ack. Scheduling it again, due now, under the same
+        id (see :mod:`eventhub.retries`) settles it: JetStream keeps one of the two, and the
+        invocation goes on from there, the delivery cut short counted as an attempt. Should the
+        schedule be unavailable, the message is handed back for later, still uncalled: a call
+        here could run beside the stored next message and exceed the retry budget."""
+        try:
+            await self._deps.queue.schedule_retry(
+                msg, self.name, int(time.time() * 1000), attempt - 1
+            )
+        except (QueueFull, DependencyDown) as exc:
+            log.warning("retry_schedule_unavailable", error=str(exc))
+            await msg.nak(delay=_RESCHEDULE_LATER)
+            return
+        await msg.ack()
+        log.info("invocation_redelivered", rescheduled=True)
 
     async def _call(
         self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int

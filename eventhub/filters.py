@@ -61,6 +61,7 @@ __all__ = [
     "Predicate",
     "canonical_string",
     "compile_filters",
+    "required_value",
 ]
 
 Attributes: TypeAlias = Mapping[str, object]
@@ -338,3 +339,21 @@ def compile_filters(spec: Sequence[Mapping[str, Any]] | None, path: str = "filte
     if spec is None:
         return _match_all
     return _make_and(_compile_list(spec, path))
+
+
+def required_value(spec: Sequence[Mapping[str, Any]] | None, attribute: str) -> str | None:
+    """The value ``attribute`` must have for the filter to match, when an ``exact`` expression
+    at the filter's top level (or inside a top-level ``all``) names it; ``None`` when events
+    with other values of it may match. ``spec`` must be valid: compile it first.
+
+    A router can then look a binding up by, say, the event's type, and try only the bindings
+    that can match instead of every binding's predicate."""
+    for expression in spec or ():
+        ((dialect, value),) = expression.items()
+        if dialect == "exact" and attribute in value:
+            return str.__str__(value[attribute])
+        if dialect == "all":
+            found = required_value(value, attribute)
+            if found is not None:
+                return found
+    return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,9 @@ log = structlog.get_logger(__name__)
 # JetStream error codes that mean "the stream is full".
 _FULL_CODES = {10047, 10077, 10078}  # insufficient resources, max msgs, max bytes
 _FETCH_WAITING = 512
+# How often a waiting pull checks that the connection was not re-established meanwhile (a local
+# timer, no traffic): a request lost in a reconnect is replaced within this many seconds.
+_RECONNECT_CHECK = 5.0
 
 
 class InvocationQueue:
@@ -224,9 +228,11 @@ class InvocationQueue:
 
     async def publish_all(self, invocations: Sequence[Invocation]) -> int:
         """Publish concurrently; returns how many were new. Invocations of ordered bindings are
-        published one after another, in the order given, so that the stream keeps their order.
-        Raises the first failure after every publish has finished, so a caller never answers
-        before JetStream did."""
+        published one after another, in the order given, so that the stream keeps their order;
+        the others are pipelined: every message is sent at once and their PubAcks are awaited
+        together (nats-py's ``publish_async``: a future each, no task, no timer per message).
+        Raises the first failure once every PubAck came back or timed out, so a caller never
+        answers before JetStream did."""
         if len(invocations) == 1:
             return int(await self.publish(invocations[0]))
         ordered = [i for i in invocations if i.ordering_key is not None]
@@ -234,11 +240,56 @@ class InvocationQueue:
         async def in_order() -> int:
             return sum([int(await self.publish(i)) for i in ordered])
 
-        results = await asyncio.gather(
-            in_order(),
-            *(self.publish(i) for i in invocations if i.ordering_key is None),
-            return_exceptions=True,
-        )
+        async def pipelined() -> int:
+            acks: list[asyncio.Future[api.PubAck]] = []
+            try:
+                for i in invocations:
+                    if i.ordering_key is not None:
+                        continue
+                    subject = (
+                        self._settings.held_subject_for(i.binding or "")
+                        if i.held
+                        else self._settings.subject_for(i.function)
+                    )
+                    headers = i.headers()
+                    acks.append(
+                        await self._js.publish_async(subject, i.event.data, headers=headers)
+                    )
+                async with asyncio.timeout(5.0):  # the JetStreamContext's request timeout
+                    await asyncio.gather(*acks, return_exceptions=True)
+            except nats.js.errors.TooManyStalledMsgsError as exc:  # nats-py's cancellation too
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise asyncio.CancelledError from exc
+                raise DependencyDown("JetStream is unavailable: too many PubAcks pending") from exc
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                raise DependencyDown(f"JetStream is unavailable: {type(exc).__name__}") from exc
+            finally:
+                for ack in acks:
+                    ack.cancel()  # no-op once answered; frees nats-py's slot otherwise
+            new = 0
+            for ack in acks:
+                error = ack.exception()
+                if isinstance(error, nats.js.errors.APIError):
+                    if error.err_code in _FULL_CODES or (error.description or "").startswith(
+                        "maximum"
+                    ):
+                        raise QueueFull(
+                            f"the invocation buffer is full ({error.description})", retry_after=5
+                        ) from error
+                    raise DependencyDown(
+                        f"JetStream refused the message: {error.description}"
+                    ) from error
+                if error is not None:
+                    raise DependencyDown(
+                        f"JetStream is unavailable: {type(error).__name__}"
+                    ) from error
+                new += not ack.result().duplicate
+            return new
+
+        if not ordered:
+            return await pipelined()
+        results = await asyncio.gather(in_order(), pipelined(), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -292,18 +343,20 @@ class InvocationQueue:
         finally:
             await sub.unsubscribe()
 
-    async def depth(self, function: str) -> int:
-        """Invocations waiting or in flight for ``function``, its ordered lanes included (in a
-        work-queue stream, a message stays until acked: the subject's count is the depth)."""
-        subject = self._settings.subject_for(function)
-        total = 0
-        for subjects_filter in (subject, subject + ".*"):
-            try:
-                info = await self._js.stream_info(self.stream, subjects_filter=subjects_filter)
-            except nats.js.errors.NotFoundError:
-                return 0
-            total += sum((info.state.subjects or {}).values())
-        return total
+    async def depths(self) -> dict[str, int]:
+        """Invocations waiting or in flight per function, ordered lanes included, in one
+        request: the stream's per-subject counts under ``<namespace>.invoke.>``. A function
+        with none is absent."""
+        prefix = self._settings.subject_for("")
+        try:
+            info = await self._js.stream_info(self.stream, subjects_filter=prefix + ">")
+        except nats.js.errors.NotFoundError:
+            return {}
+        depths: dict[str, int] = {}
+        for subject, count in (info.state.subjects or {}).items():
+            function = subject[len(prefix) :].split(".", 1)[0]
+            depths[function] = depths.get(function, 0) + count
+        return depths
 
 
 def _successor_headers(msg: Msg) -> dict[str, str]:
@@ -333,6 +386,7 @@ class Puller:
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = ""
         self._sub: Any = None
+        self._reconnects = 0
 
     async def open(self) -> None:
         self._inbox = self._nc.new_inbox()
@@ -354,6 +408,7 @@ class Puller:
                     await msg.nak()
 
     async def request(self, batch: int, expires: float, heartbeat: float) -> None:
+        self._reconnects = self._nc.stats["reconnects"]
         body = {
             "batch": batch,
             "expires": int(expires * 1e9),
@@ -363,12 +418,19 @@ class Puller:
 
     async def next(self, wait: float) -> Msg | None:
         """The next message of the open request, or END when the request is over (expired,
-        refused, or silent for ``wait`` seconds: a lost request after a reconnect)."""
+        refused, silent for ``wait`` seconds, or lost: the connection was re-established since
+        it was sent, and the server forgot it)."""
+        deadline = time.monotonic() + wait
         while True:
             try:
-                msg: Msg = await self._sub.next_msg(timeout=wait)
+                timeout = min(_RECONNECT_CHECK, deadline - time.monotonic())
+                msg: Msg = await self._sub.next_msg(timeout=max(timeout, 0.001))
             except nats.errors.TimeoutError:
-                return END
+                if self._nc.stats["reconnects"] != self._reconnects:
+                    return END
+                if time.monotonic() >= deadline:
+                    return END
+                continue
             status = msg.headers.get("Status") if msg.headers else None
             if status is None:
                 return msg

@@ -4,18 +4,25 @@ The :class:`Router` keeps every Function and Binding in memory as an immutable :
 snapshot, swapped whole on change (PostgreSQL ``NOTIFY``, plus a reload when the listening
 connection comes back), so matching an event costs no database query. Filters are compiled once
 per snapshot.
+
+Matching does not try every binding of a source: a binding whose filter requires an event type
+(``exact: {type: ...}`` at its top level) is indexed under that type, so an event is tried only
+against the bindings of its own type and those that name no type. A hub with 10,000 bindings,
+each filtered by type, routes an event about as fast as one with ten.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any
 
 import structlog
 
 from eventhub.events import Event
-from eventhub.filters import Predicate, compile_filters
+from eventhub.filters import Predicate, canonical_string, compile_filters, required_value
 from eventhub.resources import BindingSpec, FunctionSpec, Kind, Resource
 from eventhub.store import ResourceStore
 
@@ -29,6 +36,37 @@ class Route:
     matches: Predicate
     paused: bool = False  # a paused binding's invocations are held, not dispatched
     ordered: bool = False  # same partitionkey: one after another
+    event_type: str | None = None  # the only event type the filter can match, if it says so
+
+
+_BY_NAME = attrgetter("binding")
+
+
+@dataclass(frozen=True)
+class _SourceIndex:
+    """One source's routes: those that require an event type, by type, and the others."""
+
+    by_type: dict[str, tuple[Route, ...]]
+    any_type: tuple[Route, ...]
+
+    @classmethod
+    def of(cls, routes: tuple[Route, ...]) -> _SourceIndex:
+        by_type: dict[str, list[Route]] = {}
+        for route in routes:
+            if route.event_type is not None:
+                by_type.setdefault(route.event_type, []).append(route)
+        any_type = tuple(r for r in routes if r.event_type is None)
+        return cls({k: tuple(v) for k, v in by_type.items()}, any_type)
+
+    def candidates(self, event_type: object) -> Sequence[Route]:
+        """The routes an event of this type can match, in binding name order."""
+        key = event_type if type(event_type) is str else canonical_string(event_type)
+        typed = self.by_type.get(key, ()) if key is not None else ()
+        if not typed:
+            return self.any_type
+        if not self.any_type:
+            return typed
+        return sorted((*typed, *self.any_type), key=_BY_NAME)
 
 
 @dataclass(frozen=True)
@@ -36,9 +74,23 @@ class Routes:
     functions: dict[str, FunctionSpec] = field(default_factory=dict)
     sources: dict[str, Resource] = field(default_factory=dict)
     by_source: dict[str, tuple[Route, ...]] = field(default_factory=dict)
+    # Each binding's route with the spec and pause it was built from, for the next build.
+    built: dict[str, tuple[Mapping[str, Any], bool, Route]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    _index: dict[str, _SourceIndex] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = {source: _SourceIndex.of(routes) for source, routes in self.by_source.items()}
+        object.__setattr__(self, "_index", index)
 
     @classmethod
-    def build(cls, resources: list[Resource]) -> Routes:
+    def build(cls, resources: list[Resource], previous: Routes | None = None) -> Routes:
+        """The routes of ``resources``. A binding whose spec and pause are those it had in
+        ``previous`` keeps its route, filter compiled: the periodic reload of a hub with
+        10,000 bindings then compiles none."""
+        known = previous.built if previous is not None else {}
+        built: dict[str, tuple[Mapping[str, Any], bool, Route]] = {}
         functions: dict[str, FunctionSpec] = {}
         sources: dict[str, Resource] = {}
         by_source: dict[str, list[Route]] = {}
@@ -50,15 +102,21 @@ class Routes:
         for r in sorted(resources, key=lambda r: r.name):
             if r.kind is Kind.BINDING:
                 spec: BindingSpec = r.model
-                route = Route(
-                    r.name,
-                    spec.function,
-                    compile_filters(spec.filter),
-                    r.paused,
-                    spec.ordering == "ordered",
-                )
+                old = known.get(r.name)
+                if old is not None and old[1] == r.paused and old[0] == r.spec:
+                    route = old[2]
+                else:
+                    route = Route(
+                        r.name,
+                        spec.function,
+                        compile_filters(spec.filter),
+                        r.paused,
+                        spec.ordering == "ordered",
+                        required_value(spec.filter, "type"),
+                    )
+                built[r.name] = (r.spec, r.paused, route)
                 by_source.setdefault(spec.source, []).append(route)
-        return cls(functions, sources, {k: tuple(v) for k, v in by_source.items()})
+        return cls(functions, sources, {k: tuple(v) for k, v in by_source.items()}, built)
 
     @property
     def ordered_functions(self) -> set[str]:
@@ -69,11 +127,16 @@ class Routes:
         return self.by_source.get(source, ())
 
     def match(self, source: str, event: Event) -> list[Route]:
-        attributes = event.attributes
+        """The routes of ``source`` whose function exists and whose filter matches, in binding
+        name order."""
+        index = self._index.get(source)
+        if index is None:
+            return []
+        attributes, functions = event.attributes, self.functions
         return [
             route
-            for route in self.by_source.get(source, ())
-            if route.function in self.functions and route.matches(attributes)
+            for route in index.candidates(attributes.get("type"))
+            if route.function in functions and route.matches(attributes)
         ]
 
 
@@ -92,7 +155,7 @@ class Router:
 
     async def reload(self) -> None:
         async with self._reloading:
-            routes = Routes.build(await self._store.all())
+            routes = Routes.build(await self._store.all(), self.routes)
             self.routes = routes
             log.debug("routes_reloaded", functions=len(routes.functions))
             for listener in self._listeners:
