@@ -66,7 +66,7 @@ from connectors.common import Message, Rejected, ssl_context, to_events
 from eventhub.events import Event
 from eventhub.ports import Connector
 from eventhub.resources import Resource
-from eventhub.sources import Deliveries, SourceContext
+from eventhub.sources import Deliveries, SourceContext, raise_first
 from eventhub.sourcespecs import KafkaSpec
 
 log = structlog.get_logger(__name__)
@@ -136,6 +136,7 @@ class _Session:
         self.done: dict[TopicPartition, int] = {}  # next offset to commit
         self.committed: dict[TopicPartition, int] = {}
         self.full = False  # too many records in delivery: every partition is paused
+        self.generation = 0  # rebalances handled so far
         self._deliveries: Deliveries | None = None
 
     async def run(self) -> None:
@@ -153,7 +154,7 @@ class _Session:
                     self._deliveries = deliveries
                     await self._poll()
         except ExceptionGroup as group:  # a delivery failed: report it, not the group
-            raise group.exceptions[0]  # noqa: B904 - the group is its context already
+            raise_first(group)
         finally:
             self._deliveries = None
             with contextlib.suppress(KafkaError, TimeoutError):
@@ -166,18 +167,24 @@ class _Session:
         while True:
             self._sync_pauses()
             records = await self.consumer.getmany(timeout_ms=_POLL_MS, max_records=_BATCH)
+            generation = self.generation
             # Ordered: a partition's batch is one delivery, its partition paused meanwhile.
             step = _BATCH if self.ctx.ordered else _CHUNK
             for tp, batch in records.items():
                 for i in range(0, len(batch), step):
-                    await self._start(tp, batch[i : i + step])
+                    await self._start(tp, batch[i : i + step], generation)
             if time.monotonic() - last_commit >= _COMMIT_EVERY:
                 await self._commit()
                 last_commit = time.monotonic()
 
-    async def _start(self, tp: TopicPartition, records: list[Any]) -> None:
+    async def _start(self, tp: TopicPartition, records: list[Any], generation: int) -> None:
         if self._deliveries is None:
             raise RuntimeError("records fetched outside of the session's deliveries")
+        if generation != self.generation:
+            # Fetched before a rebalance that was handled while earlier chunks waited to start:
+            # whoever owns the partition now reads them again from its last commit. Delivered
+            # here, they could move the partition's commit past records not enqueued.
+            return
         chunk = _Chunk(tp, len(records), records[0].offset, records[-1].offset + 1)
         self.chunks.setdefault(tp, collections.deque()).append(chunk)
         self.in_flight += chunk.size
@@ -285,6 +292,7 @@ class _Session:
         self.committed.update(offsets)
 
     async def revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        self.generation += 1
         chunks = [c for tp in partitions for c in self.chunks.get(tp, ())]
         for chunk in chunks:
             chunk.revoked = True

@@ -56,7 +56,7 @@ from connectors.common import Message, Rejected, content_hash, ssl_context, to_e
 from eventhub.events import Event, canonical
 from eventhub.ports import Connector
 from eventhub.resources import Resource
-from eventhub.sources import SourceContext
+from eventhub.sources import SourceContext, raise_first
 from eventhub.sourcespecs import RabbitMQSpec
 
 log = structlog.get_logger(__name__)
@@ -156,7 +156,7 @@ class RabbitMQConnector:
                         ack = functools.partial(acks.ack, batch[-1])
                         await deliveries.start(self._deliver(ctx, batch), ack)
         except ExceptionGroup as group:  # one failure is the story: the supervisor reports it
-            raise group.exceptions[0]  # noqa: B904 - the group is its context already
+            raise_first(group)
 
     async def _deliver(self, ctx: SourceContext, batch: list[AbstractIncomingMessage]) -> None:
         events: list[Event] = []

@@ -359,21 +359,23 @@ class FunctionWorker:
         if H_ENQUEUED in headers:  # a retry: its age counts from the first enqueue
             enqueued = datetime.fromtimestamp(int(headers[H_ENQUEUED]) / 1000, UTC)
         age = (datetime.now(UTC) - enqueued).total_seconds()
-        with structlog.contextvars.bound_contextvars(
+        # Each message is handled in a task of its own, whose context is a copy: what is bound
+        # here needs no unbinding.
+        structlog.contextvars.bind_contextvars(
             invocation_id=invocation.id,
             function=self.name,
             binding=invocation.binding,
             event_id=invocation.event.id,
             source=invocation.event.source,
             attempt=attempt,
-        ):
-            try:
-                await self._attempt(msg, invocation, attempt, age, enqueued)
-            except asyncio.CancelledError:
-                # Not done: hand the message back at once instead of waiting for ack_wait.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(msg.nak())
-                raise
+        )
+        try:
+            await self._attempt(msg, invocation, attempt, age, enqueued)
+        except asyncio.CancelledError:
+            # Not done: hand the message back at once instead of waiting for ack_wait.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nak())
+            raise
 
     async def _attempt(
         self, msg: Msg, invocation: Invocation, attempt: int, age: float, enqueued: datetime

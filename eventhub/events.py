@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote
@@ -35,6 +36,8 @@ _FORMAT = JSONFormat()
 class Event:
     attributes: Mapping[str, str]
     data: bytes = b""
+    # The binary-mode headers this event was read from, kept to be sent on as they are.
+    wire: Mapping[str, str] | None = field(default=None, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -57,6 +60,8 @@ class Event:
 
     def binary_headers(self) -> dict[str, str]:
         """Headers of the binary content mode (HTTP, and NATS alike): ``ce-*`` and Content-Type."""
+        if self.wire is not None:
+            return dict(self.wire)
         headers = {}
         for name, value in self.attributes.items():
             if name == "datacontenttype":
@@ -69,13 +74,16 @@ class Event:
     def from_binary_headers(cls, headers: Mapping[str, str], data: bytes) -> Event:
         """The inverse of :meth:`binary_headers`, for headers this process wrote itself."""
         attributes = {}
+        wire = {}
         for name, value in headers.items():
             lower = name.lower()
             if lower.startswith("ce-"):
-                attributes[lower[3:]] = unquote(value)
+                attributes[lower[3:]] = unquote(value) if "%" in value else value
+                wire[name] = value
             elif lower == "content-type":
                 attributes["datacontenttype"] = value
-        return cls(attributes, data)
+                wire[name] = value
+        return cls(attributes, data, wire)
 
     def structured(self) -> dict[str, Any]:
         """The JSON event format: data inline when it is JSON or text, else ``data_base64``."""
@@ -249,5 +257,15 @@ def _is_json(data: bytes) -> bool:
     return True
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
 def now_rfc3339() -> str:
-    return canonical(datetime.now(UTC))
+    """Now, as RFC 3339 in UTC with microseconds (called several times per invocation: the
+    formatting of the second is kept, only the fraction is new)."""
+    global _second
+    now = time.time()
+    cached = _second  # read once: another thread may replace it meanwhile
+    if int(now) != cached[0]:
+        cached = _second = (int(now), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)))
+    return f"{cached[1]}.{int((now - cached[0]) * 1_000_000):06d}Z"

@@ -50,12 +50,13 @@ _FETCH_WAITING = 512
 # How often a waiting pull checks that the connection was not re-established meanwhile (a local
 # timer, no traffic): a request lost in a reconnect is replaced within this many seconds.
 _RECONNECT_CHECK = 5.0
+_PUBLISH_TIMEOUT = 5.0  # seconds for a PubAck (the JetStreamContext's request timeout)
 
 
 class InvocationQueue:
     def __init__(self, nc: NATS, settings: Settings) -> None:
         self._nc = nc
-        self._js: JetStreamContext = nc.jetstream(timeout=5.0)
+        self._js: JetStreamContext = nc.jetstream(timeout=_PUBLISH_TIMEOUT)
         self._settings = settings
         self.stream = settings.stream_name
 
@@ -252,10 +253,14 @@ class InvocationQueue:
                         else self._settings.subject_for(i.function)
                     )
                     headers = i.headers()
+                    # wait_stall: with nats-py's PubAck slots all taken (PubAcks lost in a
+                    # reconnect are never released), fail after a while instead of waiting on.
                     acks.append(
-                        await self._js.publish_async(subject, i.event.data, headers=headers)
+                        await self._js.publish_async(
+                            subject, i.event.data, headers=headers, wait_stall=_PUBLISH_TIMEOUT
+                        )
                     )
-                async with asyncio.timeout(5.0):  # the JetStreamContext's request timeout
+                async with asyncio.timeout(_PUBLISH_TIMEOUT):
                     await asyncio.gather(*acks, return_exceptions=True)
             except nats.js.errors.TooManyStalledMsgsError as exc:  # nats-py's cancellation too
                 current = asyncio.current_task()
@@ -434,7 +439,8 @@ class Puller:
             status = msg.headers.get("Status") if msg.headers else None
             if status is None:
                 return msg
-            if status == "100":  # idle heartbeat: the request is alive
+            if status == "100":  # idle heartbeat: the request is alive, wait on
+                deadline = time.monotonic() + wait
                 continue
             if status not in ("404", "408", "409"):
                 log.warning(

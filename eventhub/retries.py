@@ -65,7 +65,11 @@ class RetrySchedule:
             self._loop.cancel()
             await asyncio.wait([self._loop])
         if self._in_flight:  # each is one nak, or one publish and ack: short
-            await asyncio.wait(set(self._in_flight), timeout=5.0)
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=5.0)
+            for task in pending:  # its message comes back after ack_wait
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
 
     async def _fetch_loop(self) -> None:
         failures = 0

@@ -38,7 +38,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import redis.asyncio as aioredis
@@ -66,6 +66,16 @@ PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 Ack = Callable[[], None]
+
+
+def raise_first(group: BaseExceptionGroup[Any]) -> NoReturn:
+    """Leave a task group with its first failure rather than the group; but a task being
+    cancelled leaves cancelled (Python 3.11's TaskGroup raises the group instead when a child
+    failed meanwhile, and a stop request would be lost)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    raise group.exceptions[0]  # the group is its context already
 
 
 class Deliveries:
@@ -219,7 +229,7 @@ class SourceContext:
                     deliveries._closing = True
                     deliveries._acked.set()
         except ExceptionGroup as group:  # one failure is the story: the supervisor reports it
-            raise group.exceptions[0]  # noqa: B904 - the group is its context already
+            raise_first(group)
 
     async def reject(
         self, message_id: str, reason: str, payload: bytes, metadata: Mapping[str, str]
