@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import nats.errors
@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-from eventhub.errors import DependencyDown, QueueFull
+from eventhub.errors import DependencyDown
 from eventhub.invocations import (
     H_ATTEMPTS,
     H_DUE,
@@ -40,12 +40,11 @@ from eventhub.invocations import (
     H_ORDERING_KEY,
     Invocation,
 )
+from eventhub.pubacks import PubAcks, settle
 from eventhub.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-# JetStream error codes that mean "the stream is full".
-_FULL_CODES = {10047, 10077, 10078}  # insufficient resources, max msgs, max bytes
 _FETCH_WAITING = 512
 # How often a waiting pull checks that the connection was not re-established meanwhile (a local
 # timer, no traffic): a request lost in a reconnect is replaced within this many seconds.
@@ -57,6 +56,7 @@ class InvocationQueue:
     def __init__(self, nc: NATS, settings: Settings) -> None:
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream(timeout=_PUBLISH_TIMEOUT)
+        self._pubacks = PubAcks(nc)
         self._settings = settings
         self.stream = settings.stream_name
 
@@ -215,25 +215,27 @@ class InvocationQueue:
         return self._settings.ordered_subject_for(function, lane)
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> bool:
+        return bool(await self._publish_many([(subject, data, headers)]))
+
+    async def _publish_many(self, messages: Iterable[tuple[str, bytes, dict[str, str]]]) -> int:
+        """Send every message at once, then wait for their PubAcks together (one deadline);
+        returns how many were new. Raises the first failure once every PubAck came back or the
+        time is up, so a caller never answers before JetStream did."""
+        sent: list[tuple[str, asyncio.Future[bytes]]] = []
         try:
-            ack = await self._js.publish(subject, data, headers=headers)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in _FULL_CODES or (exc.description or "").startswith("maximum"):
-                raise QueueFull(
-                    f"the invocation buffer is full ({exc.description})", retry_after=5
-                ) from exc
-            raise DependencyDown(f"JetStream refused the message: {exc.description}") from exc
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            for subject, data, headers in messages:
+                sent.append(await self._pubacks.send(subject, data, headers))
+        except nats.errors.Error as exc:
+            self._pubacks.forget(token for token, _ in sent)
             raise DependencyDown(f"JetStream is unavailable: {type(exc).__name__}") from exc
-        return not ack.duplicate
+        return await settle(self._pubacks, sent, _PUBLISH_TIMEOUT)
 
     async def publish_all(self, invocations: Sequence[Invocation]) -> int:
         """Publish concurrently; returns how many were new. Invocations of ordered bindings are
         published one after another, in the order given, so that the stream keeps their order;
         the others are pipelined: every message is sent at once and their PubAcks are awaited
-        together (nats-py's ``publish_async``: a future each, no task, no timer per message).
-        Raises the first failure once every PubAck came back or timed out, so a caller never
-        answers before JetStream did."""
+        together (see :mod:`eventhub.pubacks`). Raises the first failure once every PubAck came
+        back or timed out, so a caller never answers before JetStream did."""
         if len(invocations) == 1:
             return int(await self.publish(invocations[0]))
         ordered = [i for i in invocations if i.ordering_key is not None]
@@ -242,55 +244,17 @@ class InvocationQueue:
             return sum([int(await self.publish(i)) for i in ordered])
 
         async def pipelined() -> int:
-            acks: list[asyncio.Future[api.PubAck]] = []
-            try:
-                for i in invocations:
-                    if i.ordering_key is not None:
-                        continue
-                    subject = (
-                        self._settings.held_subject_for(i.binding or "")
-                        if i.held
-                        else self._settings.subject_for(i.function)
-                    )
-                    headers = i.headers()
-                    # wait_stall: with nats-py's PubAck slots all taken (PubAcks lost in a
-                    # reconnect are never released), fail after a while instead of waiting on.
-                    acks.append(
-                        await self._js.publish_async(
-                            subject, i.event.data, headers=headers, wait_stall=_PUBLISH_TIMEOUT
-                        )
-                    )
-                async with asyncio.timeout(_PUBLISH_TIMEOUT):
-                    await asyncio.gather(*acks, return_exceptions=True)
-            except nats.js.errors.TooManyStalledMsgsError as exc:  # nats-py's cancellation too
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise asyncio.CancelledError from exc
-                raise DependencyDown("JetStream is unavailable: too many PubAcks pending") from exc
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                raise DependencyDown(f"JetStream is unavailable: {type(exc).__name__}") from exc
-            finally:
-                for ack in acks:
-                    ack.cancel()  # no-op once answered; frees nats-py's slot otherwise
-            new = 0
-            for ack in acks:
-                error = ack.exception()
-                if isinstance(error, nats.js.errors.APIError):
-                    if error.err_code in _FULL_CODES or (error.description or "").startswith(
-                        "maximum"
-                    ):
-                        raise QueueFull(
-                            f"the invocation buffer is full ({error.description})", retry_after=5
-                        ) from error
-                    raise DependencyDown(
-                        f"JetStream refused the message: {error.description}"
-                    ) from error
-                if error is not None:
-                    raise DependencyDown(
-                        f"JetStream is unavailable: {type(error).__name__}"
-                    ) from error
-                new += not ack.result().duplicate
-            return new
+            return await self._publish_many(
+                (
+                    self._settings.held_subject_for(i.binding or "")
+                    if i.held
+                    else self._settings.subject_for(i.function),
+                    i.event.data,
+                    i.headers(),
+                )
+                for i in invocations
+                if i.ordering_key is None
+            )
 
         if not ordered:
             return await pipelined()
