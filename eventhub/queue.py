@@ -174,7 +174,11 @@ class InvocationQueue:
 
     async def retries_waiting(self) -> dict[str, int]:
         """Invocations waiting in the retry schedule, by function."""
-        prefix = self._settings.retry_subject_for("")
+        return await self._counts(self._settings.retry_subject_for(""))
+
+    async def _counts(self, prefix: str) -> dict[str, int]:
+        """Messages in the stream under each subject that starts with ``prefix``, by the rest
+        of the subject: one request for them all."""
         try:
             info = await self._js.stream_info(self.stream, subjects_filter=prefix + ">")
         except nats.js.errors.NotFoundError:
@@ -266,13 +270,7 @@ class InvocationQueue:
 
     async def held_bindings(self) -> dict[str, int]:
         """Bindings with invocations held while paused, and how many."""
-        prefix = self._settings.held_subject_for("")
-        try:
-            info = await self._js.stream_info(self.stream, subjects_filter=prefix + ">")
-        except nats.js.errors.NotFoundError:
-            return {}
-        subjects = info.state.subjects or {}
-        return {subject[len(prefix) :]: count for subject, count in subjects.items()}
+        return await self._counts(self._settings.held_subject_for(""))
 
     async def release_held(self, binding: str, batch: int = 100) -> int:
         """Move a resumed binding's held invocations to their functions; returns how many.
@@ -314,16 +312,11 @@ class InvocationQueue:
 
     async def depths(self) -> dict[str, int]:
         """Invocations waiting or in flight per function, ordered lanes included, in one
-        request: the stream's per-subject counts under ``<namespace>.invoke.>``. A function
-        with none is absent."""
-        prefix = self._settings.subject_for("")
-        try:
-            info = await self._js.stream_info(self.stream, subjects_filter=prefix + ">")
-        except nats.js.errors.NotFoundError:
-            return {}
+        request (in a work-queue stream a message stays until acked: a subject's count is its
+        depth). A function with none is absent."""
         depths: dict[str, int] = {}
-        for subject, count in (info.state.subjects or {}).items():
-            function = subject[len(prefix) :].split(".", 1)[0]
+        for rest, count in (await self._counts(self._settings.subject_for(""))).items():
+            function = rest.split(".", 1)[0]
             depths[function] = depths.get(function, 0) + count
         return depths
 
