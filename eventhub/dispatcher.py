@@ -48,7 +48,7 @@ from eventhub.invocations import H_ATTEMPTS, H_ENQUEUED, Invocation, to_dead_let
 from eventhub.invoker import Invoker
 from eventhub.metrics import Metrics
 from eventhub.ports import DeadLetterRecord, DeadLetterSink, dead_letter_id
-from eventhub.queue import END, InvocationQueue, Puller
+from eventhub.queue import END, InvocationQueue, Puller, keep_pulling
 from eventhub.ratelimit import RateLimiter
 from eventhub.resources import FunctionSpec
 from eventhub.retries import RetrySchedule
@@ -263,30 +263,14 @@ class FunctionWorker:
             await asyncio.wait([self._ticker])
 
     async def _fetch_loop(self) -> None:
-        failures = 0
-        while not self._stopping:
-            puller = None
-            try:
-                puller = await self._deps.queue.puller(self.name, self.lane)
-                while not self._stopping:
-                    started = time.monotonic()
-                    if await self._pull_once(puller) or time.monotonic() - started > 1.0:
-                        failures = 0
-                        continue
-                    # Refused at once (no consumer, no JetStream): back off, and make sure
-                    # the consumer exists, in case the stream was recreated meanwhile.
-                    raise ConnectionError("the pull request was refused")
-            except Exception as exc:  # NATS, Redis (rate limit) or anything: back off, go on
-                failures += 1
-                log.warning("pull_failed", function=self.name, error=str(exc) or repr(exc))
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
-                with contextlib.suppress(DependencyDown):
-                    await self._deps.queue.ensure_consumer(
-                        self.name, self.spec.max_concurrency, self.lane
-                    )
-            finally:
-                if puller is not None:
-                    await asyncio.shield(puller.close())
+        queue = self._deps.queue
+        await keep_pulling(
+            lambda: queue.puller(self.name, self.lane),
+            self._pull_once,
+            lambda: queue.ensure_consumer(self.name, self.spec.max_concurrency, self.lane),
+            lambda: not self._stopping,
+            function=self.name,
+        )
 
     async def _pull_once(self, puller: Puller) -> int:
         """One pull request for as many messages as there is room for (one under a rate
@@ -426,15 +410,9 @@ class FunctionWorker:
     async def _retry(self, msg: Msg, attempt: int, delay: float) -> None:
         """Wait for the next attempt in the retry schedule, which holds no slot; on an ordered
         lane, wait on the lane (a retry holds back its key's later events)."""
-        if self.lane is None:
-            due_ms = int((time.time() + delay) * 1000)
-            try:
-                await self._deps.queue.schedule_retry(msg, self.name, due_ms, attempt)
-            except (QueueFull, DependencyDown) as exc:
-                log.warning("retry_schedule_unavailable", error=str(exc))
-            else:
-                await msg.ack()
-                return
+        due_ms = int((time.time() + delay) * 1000)
+        if self.lane is None and await self._schedule(msg, due_ms, attempt):
+            return
         await msg.nak(delay=delay)
 
     async def _reschedule(self, msg: Msg, attempt: int) -> None:
@@ -445,16 +423,21 @@ class FunctionWorker:
         invocation goes on from there, the delivery cut short counted as an attempt. Should the
         schedule be unavailable, the message is handed back for later, still uncalled: a call
         here could run beside the stored next message and exceed the retry budget."""
+        if await self._schedule(msg, int(time.time() * 1000), attempt - 1):
+            log.info("invocation_redelivered", rescheduled=True)
+        else:
+            await msg.nak(delay=_RESCHEDULE_LATER)
+
+    async def _schedule(self, msg: Msg, due_ms: int, attempts: int) -> bool:
+        """Store the invocation's next message in the retry schedule, then ack ``msg``; False
+        (``msg`` untouched) when the schedule cannot take it."""
         try:
-            await self._deps.queue.schedule_retry(
-                msg, self.name, int(time.time() * 1000), attempt - 1
-            )
+            await self._deps.queue.schedule_retry(msg, self.name, due_ms, attempts)
         except (QueueFull, DependencyDown) as exc:
             log.warning("retry_schedule_unavailable", error=str(exc))
-            await msg.nak(delay=_RESCHEDULE_LATER)
-            return
+            return False
         await msg.ack()
-        log.info("invocation_redelivered", rescheduled=True)
+        return True
 
     async def _call(
         self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int

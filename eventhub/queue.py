@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import nats.errors
@@ -102,47 +102,44 @@ class InvocationQueue:
     ) -> None:
         """Create or update the function's shared consumer, or one of its ordered lanes (one
         message in flight at a time, across every process)."""
-        name = self._consumer(function, lane)
-        config = api.ConsumerConfig(
-            name=name,
-            durable_name=name,
-            filter_subject=(
+        await self._add_consumer(
+            self._consumer(function, lane),
+            (
                 self._settings.subject_for(function)
                 if lane is None
                 else self._settings.ordered_subject_for(function, lane)
             ),
+            max_concurrency if lane is None else 1,
+            function,
+        )
+
+    async def ensure_retry_consumer(self) -> None:
+        """The retry schedule's consumer, shared by every dispatch process: each waiting retry
+        is a message delivered to it and handed back (``nak``) until it is due. Nothing limits
+        how many wait, and none of them counts toward a function's ``max_ack_pending``."""
+        await self._add_consumer(
+            self._settings.retry_consumer, self._settings.retry_subject_for(">"), -1, "retries"
+        )
+
+    async def _add_consumer(
+        self, name: str, filter_subject: str, max_ack_pending: int, what: str
+    ) -> None:
+        """Create or update a durable pull consumer shared by every process."""
+        config = api.ConsumerConfig(
+            name=name,
+            durable_name=name,
+            filter_subject=filter_subject,
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=self._settings.ack_wait,
-            max_ack_pending=max_concurrency if lane is None else 1,
+            max_ack_pending=max_ack_pending,
             max_deliver=-1,  # eventhub decides when to give up: see eventhub.retry
             max_waiting=_FETCH_WAITING,
         )
         try:
             await self._js.add_consumer(self.stream, config)
         except (nats.errors.Error, nats.js.errors.Error) as exc:
-            raise DependencyDown(f"JetStream consumer setup failed for {function}: {exc}") from exc
-
-    async def ensure_retry_consumer(self) -> None:
-        """The retry schedule's consumer, shared by every dispatch process: each waiting retry
-        is a message delivered to it and handed back (``nak``) until it is due. Nothing limits
-        how many wait, and none of them counts toward a function's ``max_ack_pending``."""
-        name = self._settings.retry_consumer
-        config = api.ConsumerConfig(
-            name=name,
-            durable_name=name,
-            filter_subject=self._settings.retry_subject_for(">"),
-            ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=self._settings.ack_wait,
-            max_ack_pending=-1,
-            max_deliver=-1,
-            max_waiting=_FETCH_WAITING,
-        )
-        try:
-            await self._js.add_consumer(self.stream, config)
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
-            raise DependencyDown(f"JetStream consumer setup failed for retries: {exc}") from exc
+            raise DependencyDown(f"JetStream consumer setup failed for {what}: {exc}") from exc
 
     async def puller(self, function: str, lane: int | None = None) -> Puller:
         return await self._open_puller(self._consumer(function, lane))
@@ -332,6 +329,39 @@ def _successor_headers(msg: Msg) -> dict[str, str]:
 
 
 END = None  # what Puller.next returns when a pull request is over
+
+
+async def keep_pulling(
+    open_puller: Callable[[], Awaitable[Puller]],
+    pull_once: Callable[[Puller], Awaitable[int]],
+    repair: Callable[[], Awaitable[None]],
+    running: Callable[[], bool],
+    **context: str,
+) -> None:
+    """Pull one consumer while ``running()``: ``pull_once`` sends a request and takes what it
+    brings. A failure, or a request refused at once (no consumer, no JetStream), backs off
+    (0.5 s, doubling up to 30 s) and ``repair``s: re-creates the consumer, in case the stream
+    was recreated meanwhile. The puller is closed whatever happens."""
+    failures = 0
+    while running():
+        puller = None
+        try:
+            puller = await open_puller()
+            while running():
+                started = time.monotonic()
+                if await pull_once(puller) or time.monotonic() - started > 1.0:
+                    failures = 0
+                    continue
+                raise ConnectionError("the pull request was refused")
+        except Exception as exc:  # NATS, Redis (rate limit) or anything: back off, go on
+            failures += 1
+            log.warning("pull_failed", error=str(exc) or repr(exc), **context)
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+            with contextlib.suppress(DependencyDown):
+                await repair()
+        finally:
+            if puller is not None:
+                await asyncio.shield(puller.close())
 
 
 class Puller:

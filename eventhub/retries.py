@@ -29,15 +29,13 @@ it in its key.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import structlog
 from nats.aio.msg import Msg
 
-from eventhub.errors import DependencyDown
 from eventhub.invocations import H_DUE
-from eventhub.queue import END, InvocationQueue, Puller
+from eventhub.queue import END, InvocationQueue, Puller, keep_pulling
 
 log = structlog.get_logger(__name__)
 
@@ -72,26 +70,13 @@ class RetrySchedule:
                 await asyncio.wait(pending)
 
     async def _fetch_loop(self) -> None:
-        failures = 0
-        while True:
-            puller = None
-            try:
-                puller = await self._queue.retry_puller()
-                while True:
-                    started = time.monotonic()
-                    if await self._pull_once(puller) or time.monotonic() - started > 1.0:
-                        failures = 0
-                        continue
-                    raise ConnectionError("the pull request was refused")
-            except Exception as exc:  # NATS down, stream recreated...: back off, go on
-                failures += 1
-                log.warning("retry_schedule_pull_failed", error=str(exc) or repr(exc))
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
-                with contextlib.suppress(DependencyDown):
-                    await self._queue.ensure_retry_consumer()
-            finally:
-                if puller is not None:
-                    await asyncio.shield(puller.close())
+        await keep_pulling(
+            self._queue.retry_puller,
+            self._pull_once,
+            self._queue.ensure_retry_consumer,
+            lambda: True,  # until cancelled
+            consumer="retry_schedule",
+        )
 
     async def _pull_once(self, puller: Puller) -> int:
         while len(self._in_flight) >= _BATCH:
