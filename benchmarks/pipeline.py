@@ -572,6 +572,14 @@ async def serve_minimal(args: argparse.Namespace) -> None:
 # Child processes and the profiler
 
 
+def rss_mib(pid: int) -> float:
+    """A process's resident memory, from /proc (0 when it says none)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -235,13 +235,6 @@ def nats_server_pid() -> int | None:
     return None
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 # ---------------------------------------------------------------------------------------------
 # Results
 
@@ -284,7 +277,7 @@ async def idle_cpu(hubs: list[Hub], seconds: float) -> list[tuple[float, float]]
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - started
     return [
-        (100 * (cpu_seconds(h.pid) - b) / elapsed, rss_mib(h.pid))
+        (100 * (cpu_seconds(h.pid) - b) / elapsed, pipeline.rss_mib(h.pid))
         for h, b in zip(hubs, before, strict=True)
     ]
 

@@ -149,7 +149,7 @@ class Soak:
         """Until cancelled: the hub's RSS with the calls so far, every ``--every`` s."""
         while True:
             at = time.monotonic() - started
-            self.samples.append(Sample(at, self.calls.total, rss_mib(self.pid)))
+            self.samples.append(Sample(at, self.calls.total, pipeline.rss_mib(self.pid)))
             last = self.samples[-1]
             if len(self.samples) % 15 == 1:
                 rate = last.calls / at if at else 0.0
@@ -172,7 +172,7 @@ class Soak:
                 if self.calls.total != last:
                     last, since = self.calls.total, time.monotonic()
             elapsed = time.monotonic() - started
-            self.samples.append(Sample(elapsed, self.calls.total, rss_mib(self.pid)))
+            self.samples.append(Sample(elapsed, self.calls.total, pipeline.rss_mib(self.pid)))
             return elapsed
         finally:
             sampler.cancel()
@@ -193,13 +193,6 @@ def body(ids: range) -> bytes:
             for n in ids
         ]
     ).encode()
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +308,7 @@ async def benchmark(args: argparse.Namespace) -> Result:
         )
         await routed(base, run.token, calls)
         soak = Soak(args, calls, base, run.token, child.process.pid)
-        print(f"hub pid {soak.pid}: RSS {rss_mib(soak.pid):.1f} MiB before the load")
+        print(f"hub pid {soak.pid}: RSS {pipeline.rss_mib(soak.pid):.1f} MiB before the load")
         seconds = await soak.run()
         return figures(soak, seconds)
     finally:
