@@ -215,6 +215,13 @@ async def start_hub(
             await hub.stop()
 
 
+@contextlib.asynccontextmanager
+async def client(process: HubProcess) -> AsyncIterator[RunningHub]:
+    """The API of a hub child process, as a RunningHub (no in-process hub)."""
+    async with aiohttp.ClientSession() as http:
+        yield RunningHub(None, process.base_url, process.token, http)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

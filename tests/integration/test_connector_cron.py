@@ -4,21 +4,19 @@ hub processes, missed ticks after a restart (seeded state, and a real kill -9)."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote
 
-import aiohttp
 import orjson
 import pytest
 
 from connectors.cron import rfc3339
 from eventhub.resources import API_VERSION, Resource, parse_resource
-from tests.support import Call, FunctionServer, HubProcess, RunningHub
+from tests.support import Call, FunctionServer, HubProcess, RunningHub, client
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +51,6 @@ async def declare(api: RunningHub, source: str, function_url: str, **spec: Any) 
 def resource(kind: str, name: str, spec: dict[str, Any]) -> Resource:
     doc = {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
     return parse_resource(doc)
-
-
-@contextlib.asynccontextmanager
-async def client(process: HubProcess) -> AsyncIterator[RunningHub]:
-    async with aiohttp.ClientSession() as http:
-        yield RunningHub(None, process.base_url, process.token, http)
 
 
 async def test_every_second_fires_tick_events(hub: RunningHub, function: FunctionServer) -> None:

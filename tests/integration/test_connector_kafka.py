@@ -5,22 +5,20 @@ processes in one consumer group."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 
 from connectors.kafka import KafkaConnector
 from eventhub.sources import SourceContext
 from tests.kafka_broker import BrokerUnavailable, TansuBroker, ce_headers
-from tests.support import FunctionServer, HubProcess, RunningHub
+from tests.support import FunctionServer, HubProcess, RunningHub, client
 
 pytestmark = pytest.mark.slow  # starts a broker and hub processes
 
@@ -60,12 +58,6 @@ async def kafka_source(
     )
     await api.bind(unique("b"), function, source=name)
     return name
-
-
-@contextlib.asynccontextmanager
-async def client(process: HubProcess) -> AsyncIterator[RunningHub]:
-    async with aiohttp.ClientSession() as http:
-        yield RunningHub(None, process.base_url, process.token, http)
 
 
 async def wait_until(check: Callable[[], bool], what: str, wait: float = 20.0) -> None:

@@ -22,7 +22,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import ChannelClosed, ChannelInvalidStateError
 
-from tests.support import FunctionServer, HubProcess, RunningHub
+from tests.support import FunctionServer, HubProcess, RunningHub, client
 
 pytestmark = pytest.mark.needs("rabbitmq")
 
@@ -128,12 +128,6 @@ async def wait_metric(base_url: str, series: str, value: float, wait: float = 10
     while (got := await metric(base_url, series)) != value:
         assert time.monotonic() < deadline, f"{series} is {got}, not {value}"
         await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def client(process: HubProcess) -> AsyncIterator[RunningHub]:
-    async with aiohttp.ClientSession() as http:
-        yield RunningHub(None, process.base_url, process.token, http)
 
 
 async def test_wrapped_binary_and_structured_messages_reach_the_function(

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import aiohttp
 import pytest
 
-from tests.support import FunctionServer, HubProcess, RunningHub
+from tests.support import FunctionServer, HubProcess, client
 
 pytestmark = pytest.mark.slow
-
-
-@contextlib.asynccontextmanager
-async def client(process: HubProcess) -> AsyncIterator[RunningHub]:
-    async with aiohttp.ClientSession() as http:
-        yield RunningHub(None, process.base_url, process.token, http)
 
 
 async def test_sigkill_during_invocation_then_restart_delivers(

@@ -4,14 +4,11 @@ concurrency, keeps its attempt count and age, and survives a hub killed with -9.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import aiohttp
-
-from tests.support import Call, FunctionServer, HubProcess, RunningHub
+from tests.support import Call, FunctionServer, HubProcess, RunningHub, client
 
 
 def _poison(call: Call) -> int | None:
@@ -93,19 +90,13 @@ async def test_unknown_function_status_is_404(hub: RunningHub) -> None:
         assert response.content_type == "application/problem+json"
 
 
-@contextlib.asynccontextmanager
-async def _client(process: HubProcess) -> AsyncIterator[RunningHub]:
-    async with aiohttp.ClientSession() as http:
-        yield RunningHub(None, process.base_url, process.token, http)
-
-
 async def test_a_waiting_retry_survives_a_hub_killed_with_sigkill(
     hub_process: Callable[[], HubProcess], function: FunctionServer
 ) -> None:
     first = hub_process()
     await first.ready()
     function.respond("later", 503)
-    async with _client(first) as api:
+    async with client(first) as api:
         retry = {"maxAttempts": 3, "initialDelay": "2s", "jitter": 0}
         await api.function("later", function.url("later"), retry=retry)
         await api.bind("to-later", "later")
