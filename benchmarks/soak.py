@@ -44,7 +44,6 @@ sys.path[:0] = [str(ROOT)]
 
 import aiohttp  # noqa: E402
 import pipeline  # noqa: E402
-from aiohttp import web  # noqa: E402
 
 FUNCTION = "soak-fn"
 BINDING = "soak-api"
@@ -79,20 +78,6 @@ class Calls:
     @property
     def duplicates(self) -> int:
         return self.total - self.distinct
-
-
-async def start_function(calls: Calls, port: int) -> web.AppRunner:
-    async def handle(request: web.Request) -> web.Response:
-        await request.read()
-        calls.record(request.headers.get("ce-id", ""))
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/fn", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    return runner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +275,7 @@ async def benchmark(args: argparse.Namespace) -> Result:
         args, f"bench{uuid.uuid4().hex[:10]}", uuid.uuid4().hex, f"http://127.0.0.1:{port}/fn"
     )
     calls = Calls(args.events)
-    function = await start_function(calls, port)
+    function = await pipeline.start_function(calls.record, port)
     print(f"namespace {run.namespace}, {args.events:,} events in batches of {args.batch}")
     try:
         hub_port = pipeline.free_port()
