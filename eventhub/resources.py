@@ -13,7 +13,8 @@ a problem is reported with the file, the resource and the field (``spec.retry.ma
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -31,6 +32,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from eventhub import yamlload
 from eventhub.errors import FieldProblem, ResourceInvalid
 from eventhub.filters import FilterError, compile_filters
 from eventhub.sourcespecs import SourceTypeSpec
@@ -68,6 +70,10 @@ class RetrySpec(_Spec):
     jitter: float = Field(default=0.2, ge=0.0, le=1.0)
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
 class DeadLetterSpec(_Spec):
     function: str = Field(pattern=NAME_PATTERN)
 
@@ -91,6 +97,17 @@ class FunctionSpec(_Spec):
         url = URL(value)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("must be an absolute http:// or https:// URL")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        # Sent with every call: the HTTP client would refuse them then, on every attempt.
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"'{name}' is not a valid HTTP header name")
+            if _HEADER_CONTROL.search(text):
+                raise ValueError(f"'{name}': the value must not contain control characters")
         return value
 
     @field_validator("rate_limit", mode="before")
@@ -220,24 +237,43 @@ def load_path(path: Path) -> list[Resource]:
     )
     resources: list[Resource] = []
     for file in files:
-        for index, doc in _documents(file):
-            origin = f"{file}" if index == 0 else f"{file} (document {index + 1})"
-            resources.append(parse_resource(doc, origin))
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise _invalid(str(file), "file", file.name, "", exc.strerror or str(exc)) from None
+        resources.extend(parse_text(text, str(file)))
     return resources
 
 
-def _documents(file: Path) -> Iterator[tuple[int, object]]:
+def parse_text(text: str, origin: str) -> list[Resource]:
+    """Every resource in a YAML text of one or more documents. ``origin`` (a file name) starts
+    each error; a document after the first is named by its place in the text (document 2).
+    A key set twice in one mapping is refused, naming the document and the key."""
+    resources: list[Resource] = []
+    for number, doc in _documents(text, origin):
+        where = origin if number == 1 else f"{origin} (document {number})"
+        resources.append(parse_resource(doc, where))
+    return resources
+
+
+def _documents(text: str, origin: str) -> list[tuple[int, object]]:
+    """The non-empty documents, numbered by their place in the text (from 1). Every document is
+    read before any is validated, so a YAML error anywhere is reported first."""
     try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise _invalid(str(file), "file", file.name, "", exc.strerror or str(exc)) from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = list(yamlload.load_all(text))
+    except yamlload.DuplicateKey as exc:
+        raise ResourceInvalid(
+            origin=f"{origin} (document {exc.document})",
+            kind=yamlload.scalar_at(exc.root, "kind") or "resource",
+            name=yamlload.scalar_at(exc.root, "metadata", "name") or "?",
+            problems=(FieldProblem(exc.path, exc.message),),
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise _invalid(str(file), "file", file.name, "", f"not valid YAML{where}: {exc}") from None
-    yield from enumerate(docs)
+        name = Path(origin).name
+        raise _invalid(origin, "file", name, "", f"not valid YAML{where}: {exc}") from None
+    return [(number, doc) for number, doc in enumerate(docs, start=1) if doc is not None]
 
 
 def _valid_name(name: str) -> bool:

@@ -9,6 +9,10 @@ Matching does not try every binding of a source: a binding whose filter requires
 (``exact: {type: ...}`` at its top level) is indexed under that type, so an event is tried only
 against the bindings of its own type and those that name no type. A hub with 10,000 bindings,
 each filtered by type, routes an event about as fast as one with ten.
+
+A stored resource that no longer validates is left out of the snapshot and kept in
+:attr:`Router.invalid` (shown by ``/readyz``, counted by ``eventhub_invalid_resources``); every
+other resource keeps routing.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import structlog
 
 from eventhub.events import Event
 from eventhub.filters import Predicate, canonical_string, compile_filters, required_value
+from eventhub.metrics import Metrics
 from eventhub.resources import BindingSpec, FunctionSpec, Kind, Resource
-from eventhub.store import ResourceStore
+from eventhub.store import InvalidResource, ResourceStore
 
 log = structlog.get_logger(__name__)
 
@@ -144,9 +149,11 @@ Listener = Callable[[Routes], Awaitable[None]]
 
 
 class Router:
-    def __init__(self, store: ResourceStore) -> None:
+    def __init__(self, store: ResourceStore, metrics: Metrics | None = None) -> None:
         self._store = store
+        self._metrics = metrics
         self.routes = Routes()
+        self.invalid: tuple[InvalidResource, ...] = ()  # stored, but skipped: they do not validate
         self._listeners: list[Listener] = []
         self._reloading = asyncio.Lock()  # serialised, so an older snapshot never wins
 
@@ -155,8 +162,13 @@ class Router:
 
     async def reload(self) -> None:
         async with self._reloading:
-            routes = Routes.build(await self._store.all(), self.routes)
-            self.routes = routes
+            loaded = await self._store.load()
+            routes = Routes.build(loaded.valid, self.routes)
+            self.routes, self.invalid = routes, tuple(loaded.invalid)
+            if self._metrics is not None:
+                for kind in Kind:
+                    count = sum(1 for r in loaded.invalid if r.kind is kind)
+                    self._metrics.invalid_resources.labels(kind.value).set(count)
             log.debug("routes_reloaded", functions=len(routes.functions))
             for listener in self._listeners:
                 try:

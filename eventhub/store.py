@@ -3,6 +3,10 @@
 Writes check references (a Binding's function and source, a Function's dead-letter function) in
 the same transaction, and announce themselves with ``NOTIFY <namespace>_resources`` so that every
 hub process reloads its routing cache without a query per event.
+
+A stored row that no longer validates (written by an older version, a cron time zone this machine
+lacks, a hand-made row) is an :class:`InvalidResource`: routing skips it, with one warning per
+row version, and the listings show it with its error. It never stops the rest from routing.
 """
 
 from __future__ import annotations
@@ -13,12 +17,53 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
+import structlog
 
 from eventhub.errors import Conflict, FieldProblem, NotFound, ResourceInvalid
 from eventhub.resources import API_SOURCE, Kind, Resource, parse_resource
 
+log = structlog.get_logger(__name__)
 _ORDER = (Kind.FUNCTION, Kind.SOURCE, Kind.BINDING)
 _RELOAD_EVERY = 30.0
+_RETRY_AFTER = 1.0
+_SELECT = "select kind, name, spec, labels, paused from resources"
+
+
+@dataclass(frozen=True)
+class InvalidResource:
+    """A stored resource that no longer validates: ``spec`` and ``labels`` as stored, and why."""
+
+    kind: Kind
+    name: str
+    spec: Any
+    labels: Any
+    paused: bool
+    error: str
+
+    def document(self) -> dict[str, Any]:
+        """The stored document, with ``status.invalid`` and ``status.error``."""
+        metadata: dict[str, Any] = {"name": self.name}
+        if self.labels:
+            metadata["labels"] = self.labels
+        status: dict[str, Any] = {} if self.kind is Kind.FUNCTION else {"paused": self.paused}
+        return {
+            "apiVersion": "eventhub/v1",
+            "kind": self.kind.value,
+            "metadata": metadata,
+            "spec": self.spec,
+            "status": {**status, "invalid": True, "error": self.error},
+        }
+
+
+Stored = Resource | InvalidResource
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Every stored resource: those that validate, and those that do not."""
+
+    valid: list[Resource]
+    invalid: list[InvalidResource]
 
 
 @dataclass
@@ -35,38 +80,59 @@ class ResourceStore:
     def __init__(self, pool: Any, namespace: str) -> None:
         self._pool = pool
         self.channel = f"{namespace}_resources"
-        self._parsed: dict[tuple[str, str], tuple[tuple[Any, ...], Resource]] = {}
+        self._parsed: dict[tuple[str, str], tuple[tuple[Any, ...], Stored]] = {}
 
     async def of_kind(self, kind: Kind) -> list[Resource]:
-        rows = await self._pool.fetch(
-            "select kind, name, spec, labels, paused from resources where kind = $1 order by name",
-            kind.value,
-        )
-        return [_from_row(r) for r in rows]
+        """The valid resources of one kind, by name (an invalid one is left out)."""
+        return [r for r in await self.listing(kind) if isinstance(r, Resource)]
 
-    async def all(self) -> list[Resource]:
+    async def listing(self, kind: Kind) -> list[Stored]:
+        """Every stored resource of one kind, by name, invalid ones included."""
+        rows = await self._pool.fetch(f"{_SELECT} where kind = $1 order by name", kind.value)
+        return [parse_row(r) for r in rows]
+
+    async def load(self) -> Loaded:
         """Every resource. A row unchanged since the last call is not parsed again: the
-        periodic reload of a hub with 10,000 bindings then validates none."""
-        rows = await self._pool.fetch("select kind, name, spec, labels, paused from resources")
-        seen: dict[tuple[str, str], tuple[tuple[Any, ...], Resource]] = {}
+        periodic reload of a hub with 10,000 bindings then validates none. A row that does not
+        validate is logged once (per version of the row) and returned apart."""
+        rows = await self._pool.fetch(_SELECT)
+        seen: dict[tuple[str, str], tuple[tuple[Any, ...], Stored]] = {}
         for row in rows:
             key, text = (row["kind"], row["name"]), (row["spec"], row["labels"], row["paused"])
             cached = self._parsed.get(key)
             if cached is None or cached[0] != text:
-                cached = (text, _from_row(row))
+                cached = (text, parse_row(row))
+                _warn_if_invalid(cached[1])
             seen[key] = cached
         self._parsed = seen
-        return [resource for _, resource in seen.values()]
+        loaded = Loaded([], [])
+        for _, stored in seen.values():
+            if isinstance(stored, Resource):
+                loaded.valid.append(stored)
+            else:
+                loaded.invalid.append(stored)
+        return loaded
 
-    async def get(self, kind: Kind, name: str) -> Resource:
+    async def all(self) -> list[Resource]:
+        """Every valid resource (see :meth:`load`)."""
+        return (await self.load()).valid
+
+    async def lookup(self, kind: Kind, name: str) -> Stored:
+        """One stored resource, valid or not; NotFound when there is none."""
         row = await self._pool.fetchrow(
-            "select kind, name, spec, labels, paused from resources where kind = $1 and name = $2",
-            kind.value,
-            name,
+            f"{_SELECT} where kind = $1 and name = $2", kind.value, name
         )
         if row is None:
             raise NotFound(f"{kind.value} '{name}' does not exist")
-        return _from_row(row)
+        return parse_row(row)
+
+    async def get(self, kind: Kind, name: str) -> Resource:
+        """One valid resource: NotFound when there is none, Conflict when the stored one does
+        not validate (apply a valid one over it, or delete it)."""
+        stored = await self.lookup(kind, name)
+        if isinstance(stored, InvalidResource):
+            raise Conflict(f"{kind.value} '{name}' is stored but invalid: {stored.error}")
+        return stored
 
     async def put(self, resource: Resource) -> bool:
         """Create or replace one resource; True when it was created."""
@@ -76,7 +142,7 @@ class ResourceStore:
             await _notify(conn, self.channel, resource)
         return created is True
 
-    async def set_paused(self, kind: Kind, name: str, paused: bool) -> Resource:
+    async def set_paused(self, kind: Kind, name: str, paused: bool) -> Stored:
         async with self._pool.acquire() as conn, conn.transaction():
             status = await conn.execute(
                 "update resources set paused = $3, updated_at = now()"
@@ -88,7 +154,7 @@ class ResourceStore:
             if status.endswith(" 0"):
                 raise NotFound(f"{kind.value} '{name}' does not exist")
             await conn.execute("select pg_notify($1, $2)", self.channel, f"{kind.value}/{name}")
-        return await self.get(kind, name)
+        return await self.lookup(kind, name)
 
     async def load_state(self, source: str) -> dict[str, Any] | None:
         raw = await self._pool.fetchval("select state from source_state where source = $1", source)
@@ -151,12 +217,14 @@ class ResourceStore:
         return plan
 
     async def listen(self, on_change: Callable[[], Awaitable[None]], dsn: str) -> None:
-        """Call ``on_change`` after every resource change until cancelled.
+        """Call ``on_change`` after every resource change until cancelled; never ends otherwise.
 
         Holds its own connection; a lost connection is re-opened and followed by a call to
         ``on_change`` so that nothing announced meanwhile is missed. Without any change,
         ``on_change`` still runs every 30 s, so a step that failed (NATS away when a consumer
-        had to be made) is tried again.
+        had to be made) is tried again. An ``on_change`` that raises is logged and called again
+        within 5 s, on the same connection; any other failure is logged, and the connection is
+        opened again a second later.
         """
         import asyncio
 
@@ -173,29 +241,67 @@ class ResourceStore:
                 conn = await asyncpg.connect(dsn)
                 await conn.add_listener(self.channel, _on_notify)
                 changed.set()  # reload once: changes may have happened while not listening
-                last = 0.0
+                last, failed = 0.0, False
                 while not conn.is_closed():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(changed.wait(), timeout=5.0)
                     now = asyncio.get_running_loop().time()
-                    if changed.is_set() or now - last >= _RELOAD_EVERY:
+                    if changed.is_set() or failed or now - last >= _RELOAD_EVERY:
                         changed.clear()
                         last = now
-                        await on_change()
-            except (OSError, asyncpg.PostgresError):
-                await asyncio.sleep(1.0)
+                        failed = not await _call(on_change)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("resource_listener_reconnecting", error=str(exc) or repr(exc))
+            except Exception:  # a fault, not an outage: said loudly, and listening goes on
+                log.exception("resource_listener_failed")
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(conn.close(timeout=2))
+            await asyncio.sleep(_RETRY_AFTER)
 
 
-def _from_row(row: Any) -> Resource:
+async def _call(on_change: Callable[[], Awaitable[None]]) -> bool:
+    """Run one reload; False (logged) when it failed, for the caller to try again soon."""
+    try:
+        await on_change()
+    except Exception:
+        log.exception("resources_reload_failed")
+        return False
+    return True
+
+
+def parse_row(row: Any) -> Stored:
+    """A row as a Resource or, whatever makes that fail, as an InvalidResource."""
+    kind = Kind(row["kind"])  # the table's check constraint allows only these
+    spec: Any = None
+    labels: Any = None
+    try:
+        spec, labels = orjson.loads(row["spec"]), orjson.loads(row["labels"])
+        return _from_row(row, spec, labels)
+    except ResourceInvalid as exc:
+        error = "; ".join(str(p) for p in exc.problems)
+    except Exception as exc:  # any other failure of a stored row is still that row's alone
+        error = f"{type(exc).__name__}: {exc}"
+    return InvalidResource(kind, row["name"], spec, labels, bool(row["paused"]), error)
+
+
+def _warn_if_invalid(stored: Stored) -> None:
+    if isinstance(stored, InvalidResource):
+        log.warning(
+            "resource_invalid_skipped",
+            kind=stored.kind.value,
+            name=stored.name,
+            error=stored.error,
+        )
+
+
+def _from_row(row: Any, spec: Any, labels: Any) -> Resource:
     doc = {
         "apiVersion": "eventhub/v1",
         "kind": row["kind"],
-        "metadata": {"name": row["name"], "labels": orjson.loads(row["labels"])},
-        "spec": orjson.loads(row["spec"]),
+        "metadata": {"name": row["name"], "labels": labels},
+        "spec": spec,
     }
     resource = parse_resource(doc, "database")
     return replace(resource, paused=bool(row["paused"]))

@@ -1,6 +1,9 @@
 """``/v1/functions``, ``/v1/sources``, ``/v1/bindings``: list, get, PUT (create or replace),
 DELETE. A PUT body is the resource document (JSON or YAML); ``metadata.name`` may be left out
-and must otherwise equal the name in the path."""
+and must otherwise equal the name in the path. A YAML body that sets a key twice is refused.
+
+A stored resource that no longer validates is listed and shown as stored, with
+``status.invalid: true`` and ``status.error``; a PUT of a valid one replaces it."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import orjson
 import yaml
 from aiohttp import web
 
+from eventhub import yamlload
 from eventhub.api.context import CONTEXT, requires
 from eventhub.errors import FieldProblem, InvalidInput
 from eventhub.resources import Kind, parse_resource
@@ -27,13 +31,13 @@ def _kind(request: web.Request) -> Kind:
 
 @requires(Scope.ADMIN)
 async def list_resources(request: web.Request) -> web.Response:
-    resources = await request.app[CONTEXT].store.of_kind(_kind(request))
+    resources = await request.app[CONTEXT].store.listing(_kind(request))
     return _json({"items": [r.document() for r in resources]})
 
 
 @requires(Scope.ADMIN)
 async def get_resource(request: web.Request) -> web.Response:
-    resource = await request.app[CONTEXT].store.get(_kind(request), request.match_info["name"])
+    resource = await request.app[CONTEXT].store.lookup(_kind(request), request.match_info["name"])
     return _json(resource.document())
 
 
@@ -120,7 +124,12 @@ async def function_status(request: web.Request) -> web.Response:
 
 def _read_document(body: bytes, content_type: str) -> dict[str, Any]:
     try:
-        doc = orjson.loads(body) if "json" in content_type else yaml.safe_load(body)
+        doc = orjson.loads(body) if "json" in content_type else yamlload.load(body)
+    except yamlload.DuplicateKey as exc:
+        raise InvalidInput(
+            f"the body sets {exc.path} twice: {exc.message}",
+            problems=(FieldProblem(exc.path, exc.message),),
+        ) from None
     except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
         raise InvalidInput(f"the body is not valid JSON or YAML: {exc}") from None
     if not isinstance(doc, dict):

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from eventhub.errors import InvalidInput, ResourceInvalid
@@ -18,7 +19,9 @@ from eventhub.resources import (
     RetrySpec,
     load_path,
     parse_resource,
+    parse_text,
 )
+from eventhub.store import InvalidResource, parse_row
 from eventhub.units import Rate
 
 ORIGIN = "config/resize.yaml"
@@ -551,3 +554,78 @@ def test_load_path_non_mapping_document(tmp_path: Path) -> None:
     with pytest.raises(ResourceInvalid) as exc:
         load_path(file)
     assert exc.value.origin == str(file)
+
+
+def test_load_path_refuses_a_key_set_twice_naming_file_document_resource_and_key(
+    tmp_path: Path,
+) -> None:
+    twice = MULTI_YAML.replace("  function: resize-image\n", "  function: a\n  function: b\n")
+    file = write(tmp_path / "multi.yaml", twice)
+    with pytest.raises(ResourceInvalid) as exc:
+        load_path(tmp_path)
+    assert str(exc.value) == (
+        f"{file} (document 2): Binding 'orders-to-resize':"
+        " spec.function: duplicate key (set at lines 11 and 12)"
+    )
+    assert fields(exc.value) == ["spec.function"]
+
+
+def test_a_key_set_twice_where_kind_and_name_are_unknown(tmp_path: Path) -> None:
+    file = write(tmp_path / "f.yaml", "apiVersion: eventhub/v1\napiVersion: eventhub/v1\n")
+    with pytest.raises(ResourceInvalid) as exc:
+        load_path(file)
+    assert str(exc.value) == (
+        f"{file} (document 1): resource '?': apiVersion: duplicate key (set at lines 1 and 2)"
+    )
+
+
+def test_parse_text_numbers_documents_by_their_place(tmp_path: Path) -> None:
+    text = "---\n# nothing yet\n---\n" + FUNCTION_YAML.replace("maxAttempts: 5", "maxAttempts: 0")
+    with pytest.raises(ResourceInvalid) as exc:
+        parse_text(text, "inline.yaml")
+    assert exc.value.origin == "inline.yaml (document 2)"
+    assert [r.name for r in parse_text(FUNCTION_YAML, "inline.yaml")] == ["resize-image"]
+
+
+# ---------------------------------------------------------------- stored rows
+
+
+def row(kind: str, spec: object, name: str = "r1", paused: bool = False) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "name": name,
+        "spec": orjson.dumps(spec).decode(),
+        "labels": "{}",
+        "paused": paused,
+    }
+
+
+def test_a_stored_row_that_validates_is_a_resource() -> None:
+    parsed = parse_row(row("Binding", {"source": "api", "function": "f"}, paused=True))
+    assert isinstance(parsed, Resource) and parsed.paused and parsed.model.function == "f"
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "error"),
+    [
+        (
+            "Source",
+            {"type": "cron", "schedule": "@hourly", "timezone": "Mars/Olympus"},
+            "spec.timezone: ",
+        ),
+        ("Binding", {"source": "api", "function": "f", "colour": "red"}, "spec.colour: "),
+        ("Binding", {"source": "api", "function": 7}, "spec.function: "),
+        ("Function", ["not", "a", "mapping"], "spec: is required and must be a mapping"),
+    ],
+)
+def test_a_stored_row_that_does_not_validate_is_kept_apart_with_its_error(
+    kind: str, spec: object, error: str
+) -> None:
+    parsed = parse_row(row(kind, spec, paused=True))
+    assert isinstance(parsed, InvalidResource)
+    assert (parsed.kind.value, parsed.name, parsed.spec) == (kind, "r1", spec)
+    assert parsed.error.startswith(error)
+    doc = parsed.document()
+    assert doc["spec"] == spec and doc["metadata"] == {"name": "r1"}
+    assert doc["status"]["invalid"] is True and doc["status"]["error"] == parsed.error
+    assert ("paused" in doc["status"]) is (kind != "Function")
