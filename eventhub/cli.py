@@ -126,12 +126,13 @@ def apply(path: Path, dry_run: bool, prune: bool, apply_set: str) -> None:
 @click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table")
 @handled
 def get(kind: str, name: str | None, output: str) -> None:
-    """List resources, or show one."""
+    """List resources, or show one. A stored resource that no longer validates is shown too,
+    with its error: in the table's INVALID section, in YAML and JSON as ``status.invalid``."""
     settings = load_settings()
     k = {x.plural: x for x in Kind}[kind]
 
     async def fetch(store: Any) -> list[Any]:
-        return [await store.get(k, name)] if name else list(await store.of_kind(k))
+        return [await store.lookup(k, name)] if name else list(await store.listing(k))
 
     resources = asyncio.run(_with_store(settings, fetch))
     docs = [r.document() for r in resources]
@@ -244,7 +245,21 @@ def _source_status(name: str) -> None:
         )
 
 
-def _table(kind: Kind, docs: list[dict[str, Any]]) -> None:
+def _table(kind: Kind, all_docs: list[dict[str, Any]]) -> None:
+    invalid = [d for d in all_docs if d.get("status", {}).get("invalid")]
+    docs = [d for d in all_docs if not d.get("status", {}).get("invalid")]
+    if docs or not invalid:
+        _valid_table(kind, docs)
+    if invalid:
+        if docs:
+            click.echo("")
+        click.echo("INVALID (stored, but skipped by routing until fixed or deleted):")
+        _echo_rows(
+            [("NAME", "ERROR")] + [(d["metadata"]["name"], d["status"]["error"]) for d in invalid]
+        )
+
+
+def _valid_table(kind: Kind, docs: list[dict[str, Any]]) -> None:
     if kind is Kind.FUNCTION:
         rows = [("NAME", "URL", "CONCURRENCY", "RATE", "DEAD-LETTER")] + [
             (
@@ -268,6 +283,10 @@ def _table(kind: Kind, docs: list[dict[str, Any]]) -> None:
         ]
     else:
         rows = [("NAME", "TYPE")] + [(d["metadata"]["name"], d["spec"]["type"]) for d in docs]
+    _echo_rows(rows)
+
+
+def _echo_rows(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -288,9 +307,8 @@ async def _with_store(settings: Settings, use: Callable[[Any], Coroutine[Any, An
 @click.option(
     "--examples",
     type=click.Path(path_type=Path),
-    default=Path("config/examples"),
-    show_default=True,
-    help="Resources to apply at start.",
+    default=None,
+    help="Resources to apply at start (default: the examples shipped with eventhub).",
 )
 @click.option(
     "--data-dir",
@@ -299,7 +317,7 @@ async def _with_store(settings: Settings, use: Callable[[Any], Coroutine[Any, An
     help="Keep the embedded services' data here between runs (default: a temporary folder).",
 )
 @handled
-def dev(port: int, function_port: int, examples: Path, data_dir: Path | None) -> None:
+def dev(port: int, function_port: int, examples: Path | None, data_dir: Path | None) -> None:
     """Run the hub on embedded NATS, PostgreSQL and Redis, with a sample function."""
     from eventhub.devmode import run_dev
 

