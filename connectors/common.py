@@ -16,13 +16,19 @@ A wrapped message becomes an event with the connector's deterministic ``id``, it
 ``time`` when it has them, ``datacontenttype`` = the message's content type, the payload as data
 byte for byte, and transport metadata as extensions. A message that cannot become an event raises
 :class:`Rejected` with a reason; the connector hands it to ``ctx.reject`` and moves on.
+
+Each connector converts one message through :func:`convert`, the one place where any other error
+of a conversion (a value no rule foresaw) also becomes :class:`Rejected` (code
+``conversion-failed``, naming the error), so that no message can stop the ones behind it. Only the
+conversion is covered: a failure to enqueue or to store the dead letter still fails the connector,
+which restarts and gets the message again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
@@ -33,13 +39,49 @@ from eventhub.errors import InvalidInput
 from eventhub.events import STRUCTURED, Event, from_attributes, parse_structured
 from eventhub.sourcespecs import TLS
 
+_MAX_REASON = 500  # characters of a rejection reason kept (it is stored with the dead letter)
+
 
 class Rejected(Exception):
-    """A message that cannot become an event; ``reason`` starts with a short code."""
+    """A message that cannot become an event; ``reason`` starts with a short code.
+
+    The reason quotes what was received, so it is made printable (control characters and bytes
+    that were not UTF-8 escaped) and cut to ``_MAX_REASON`` characters: storing it never fails."""
 
     def __init__(self, reason: str) -> None:
+        reason = printable(reason)
+        if len(reason) > _MAX_REASON:
+            reason = reason[: _MAX_REASON - 3] + "..."
         super().__init__(reason)
         self.reason = reason
+
+
+def convert(make: Callable[[], list[Event]]) -> list[Event]:
+    """The events of one message (``make`` converts it), or :class:`Rejected`: any other error
+    of the conversion becomes a rejection (``conversion-failed: <error>``) instead of failing
+    the connector, which would get the same message again, forever. ``CancelledError`` (not an
+    ``Exception``) passes."""
+    try:
+        return make()
+    except Rejected:
+        raise
+    except Exception as exc:  # a conversion bug must not stop the transport: reject and go on
+        raise Rejected(f"conversion-failed: {type(exc).__name__}: {exc}") from exc
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters, other unprintable ones and surrogate escapes (bytes
+    that were not UTF-8) written as Python escapes."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def utf8(text: str) -> str:
+    """``text`` as it can be stored and sent: undecodable bytes (surrogate escapes) as U+FFFD."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -66,8 +108,8 @@ def to_events(message: Message, spec: Any, default_type: str) -> list[Event]:
     if spec.format == "auto":
         passed = _passthrough(message)
         if passed is not None:
-            return [passed]
-    return [wrap(message, spec.event_type or default_type)]
+            return [_check_text(passed)]
+    return [_check_text(wrap(message, spec.event_type or default_type))]
 
 
 def wrap(message: Message, event_type: str) -> Event:
@@ -103,6 +145,19 @@ def _passthrough(message: Message) -> Event | None:
     return None
 
 
+def _check_text(event: Event) -> Event:
+    """Every attribute must be text that can be sent (a transport may hand over a name or a value
+    that was not UTF-8, kept as surrogate escapes)."""
+    for name, value in event.attributes.items():
+        for text in (name, value):
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise Rejected(f"invalid-attribute: {name} is not UTF-8 text") from None
+    return event
+
+
 def _check_charset(message: Message) -> None:
     ctype = (message.content_type or "").lower()
     if "charset=" not in ctype:
@@ -112,8 +167,11 @@ def _check_charset(message: Message) -> None:
         message.payload.decode(charset)
     except LookupError:
         raise Rejected(f"bad-charset: unknown charset '{charset}'") from None
-    except UnicodeDecodeError as exc:
-        raise Rejected(f"bad-charset: the payload is not valid {charset}: {exc.reason}") from None
+    except UnicodeError as exc:
+        reason = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
+        raise Rejected(f"bad-charset: the payload is not valid {charset}: {reason}") from None
+    except Exception as exc:  # a codec is any code (a name with a NUL is a ValueError)
+        raise Rejected(f"bad-charset: cannot decode as '{charset}': {exc}") from None
 
 
 def s3_events(payload: bytes) -> list[Event]:
@@ -166,7 +224,8 @@ def content_hash(*parts: bytes | str) -> str:
     """A short stable digest, for ids of messages that carry none."""
     digest = hashlib.sha256()
     for part in parts:
-        digest.update(part.encode() if isinstance(part, str) else part)
+        # surrogatepass: text holding bytes that were not UTF-8 still hashes, the same each time
+        digest.update(part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part)
         digest.update(b"\x00")
     return digest.hexdigest()[:32]
 

@@ -44,6 +44,10 @@ CloudEvents Kafka protocol binding, for ``format: auto`` (the rules are in
   message timestamp, ``subject`` and ``partitionkey`` = the key when it is UTF-8 text,
   ``datacontenttype`` = the ``content-type`` header, extensions ``topic``, ``partition``,
   ``offset``. A null value (tombstone) is empty data.
+
+A record that cannot become an event (a ``ce_`` or ``content-type`` header that is not UTF-8, a
+timestamp past the year 9999, such as one in microseconds, a bad charset, an invalid binary or
+structured CloudEvent, any error of the conversion) is rejected (:func:`record_events`).
 """
 
 from __future__ import annotations
@@ -55,14 +59,14 @@ import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from connectors.common import Message, Rejected, ssl_context, to_events
+from connectors.common import Message, Rejected, convert, ssl_context, to_events
 from eventhub.events import Event
 from eventhub.ports import Connector
 from eventhub.resources import Resource
@@ -79,6 +83,8 @@ _MAX_IN_FLIGHT = 2000  # records being delivered across partitions before all ar
 _COMMIT_EVERY = 0.5
 _LAG_EVERY = 2.0
 _CLOSE_TIMEOUT = 5.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_MILLIS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time RFC 3339 can write
 
 
 def connector(resource: Resource) -> Connector:
@@ -198,7 +204,7 @@ class _Session:
         events: list[Event] = []
         for record in records:
             try:
-                events.extend(self._events(record))
+                events.extend(record_events(record, self.spec))
             except Rejected as exc:
                 await self._reject(record, exc.reason)
             if len(events) >= _CHUNK:
@@ -234,14 +240,6 @@ class _Session:
             if not chunks:
                 del self.chunks[chunk.tp]
         self.in_flight -= chunk.size
-
-    def _events(self, record: Any) -> list[Event]:
-        message = to_message(record)
-        key = message.extensions.get("partitionkey")
-        events = to_events(message, self.spec, DEFAULT_TYPE)
-        if key is None or self.spec.format == "s3":
-            return events
-        return [_with_key(event, key) for event in events]
 
     async def _reject(self, record: Any, reason: str) -> None:
         payload = record.value or b""
@@ -347,6 +345,20 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
         self._session.assigned(assigned)
 
 
+def record_events(record: Any, spec: KafkaSpec) -> list[Event]:
+    """The events of one record; raises :class:`Rejected` for one that cannot become any."""
+    return convert(lambda: _events(record, spec))
+
+
+def _events(record: Any, spec: KafkaSpec) -> list[Event]:
+    message = to_message(record)
+    key = message.extensions.get("partitionkey")
+    events = to_events(message, spec, DEFAULT_TYPE)
+    if key is None or spec.format == "s3":
+        return events
+    return [_with_key(event, key) for event in events]
+
+
 def to_message(record: Any) -> Message:
     """A Kafka record as :func:`connectors.common.to_events` sees it (see the module docs)."""
     ce: dict[str, str] = {}
@@ -404,9 +416,14 @@ def _key_text(key: bytes | None) -> str | None:
 
 @functools.lru_cache(maxsize=1024)  # records produced together share their milliseconds
 def _timestamp(millis: int | None) -> str | None:
-    if millis is None or millis < 0:
+    if millis is None or millis < 0:  # -1: the record has no timestamp
         return None
-    moment = datetime.fromtimestamp(millis / 1000, UTC)
+    if millis > _MAX_MILLIS:
+        raise Rejected(
+            f"invalid-time: timestamp {millis} is past the year 9999 as milliseconds since the"
+            " epoch (microseconds?)"
+        )
+    moment = _EPOCH + timedelta(milliseconds=millis)  # exact, where a float may not be
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -10,7 +10,8 @@ nack           ``503`` + ``Retry-After`` while the source is paused or JetStream
                event in its ``queue_dir`` store and posts it again until a 2xx; without
                ``queue_dir`` MinIO drops it: configure one. A re-post keeps the record's
                ``sequencer``, so JetStream deduplicates it (within its duplicate window).
-reject         ``400`` naming the problem for a body that is not a notification, ``401`` for a
+reject         ``400`` naming the problem for a body that is not a notification (whatever it
+               holds: any error of the conversion is such a problem), ``401`` for a
                wrong ``authToken``, ``413`` above ``maxMessageSize``; nothing is enqueued (MinIO
                never posts such a body; its queue store would retry any non-2xx).
 throttled      ``highWaterMark`` does not apply: the API process cannot see the functions' queue
@@ -24,7 +25,9 @@ ack            The stream has none. After ``ctx.deliver`` returned, the newest `
                delivered is saved (``ctx.save_state``: ``{"since": ...}``).
 nack           None either: MinIO forgets what it streamed. When the stream fails or ends the run
                raises; the supervisor reconnects with backoff and the connector *reconciles*.
-reject         A record without bucket, key or event name becomes a dead letter of the source.
+reject         A notification that cannot become events (a record without bucket, key or event
+               name, values JSON cannot carry, any error of the conversion) becomes a dead letter
+               of the source; the stream goes on.
 throttled      ``deliver`` waits, the bounded hand-off fills and the reader stops reading. MinIO
                buffers 4000 events for a slow listener and then drops silently, so after
                ``_THROTTLE_GRACE`` seconds still throttled the connector disconnects on purpose,
@@ -58,6 +61,7 @@ import asyncio
 import contextlib
 import hmac
 import itertools
+import json
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -71,7 +75,7 @@ from urllib.parse import quote_plus, urlsplit
 import orjson
 import structlog
 
-from connectors.common import Rejected, content_hash, s3_events
+from connectors.common import Rejected, content_hash, convert, s3_events
 from eventhub.events import Event
 from eventhub.ports import Connector
 from eventhub.resources import Resource
@@ -100,6 +104,10 @@ def notification_events(body: bytes) -> list[Event]:
     and sends no test notification (its set-up probe is a ``HEAD`` on the endpoint), so an empty
     body or one without ``Records`` is an error; an explicit ``"Records": []`` is nothing to do.
     """
+    return convert(lambda: _notification_events(body))
+
+
+def _notification_events(body: bytes) -> list[Event]:
     if not body.strip():
         raise Rejected("empty: the body is empty; expected a MinIO notification with Records")
     try:
@@ -109,6 +117,27 @@ def notification_events(body: bytes) -> list[Event]:
     if isinstance(doc, dict) and doc.get("Records") == []:
         return []
     return s3_events(body)
+
+
+def listen_payload(doc: Any) -> bytes:
+    """A notification of the listen stream (parsed by the SDK's ``json``) as JSON bytes. What
+    orjson refuses (integers past 64 bits, lone surrogates, NaN) is written by ``json``, so that
+    the notification can still be kept as a dead letter."""
+    try:
+        return orjson.dumps(doc)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(doc, default=str).encode("ascii")
+
+
+def listen_events(payload: bytes, max_size: int) -> list[Event]:
+    """The events of one notification of the listen stream; raises :class:`Rejected`."""
+
+    def events() -> list[Event]:
+        if len(payload) > max_size:
+            raise Rejected(f"too-large: {len(payload)} bytes, above maxMessageSize {max_size}")
+        return s3_events(payload)
+
+    return convert(events)
 
 
 def authorized(header: str | None, token: str) -> bool:
@@ -215,11 +244,9 @@ class _ListenMode:
                 await self._deliver(item.doc)
 
     async def _deliver(self, doc: dict[str, Any]) -> None:
-        payload = orjson.dumps(doc)
+        payload = listen_payload(doc)
         try:
-            if len(payload) > self.max_size:
-                raise Rejected(f"too-large: {len(payload)} bytes, above maxMessageSize")
-            events = s3_events(payload)
+            events = listen_events(payload, self.max_size)
         except Rejected as exc:
             meta = {"bucket": self.listen.bucket}
             await self.ctx.reject(content_hash(payload), exc.reason, payload, meta)
@@ -459,9 +486,9 @@ def parse_time(value: Any) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):  # not a time, or one UTC cannot hold (year 1, +05:00)
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def format_time(value: datetime | None) -> str | None:

@@ -43,6 +43,10 @@ within the JetStream duplicate window are invoked once), ``source`` =
 ``mqtt[s]://<host>[:<port>]/<topic>``, ``type`` = ``eventType`` or ``eventhub.mqtt.message``,
 ``subject`` = topic, ``datacontenttype`` = Content Type, extensions ``topic``, ``qos``,
 ``retain`` and the user properties whose names are valid extension names.
+
+A message that cannot become an event (a bad or unknown charset in its Content Type, an invalid
+binary or structured CloudEvent, any error of the conversion: :func:`publish_events`) becomes a
+dead letter of the source and is acknowledged like the others.
 """
 
 from __future__ import annotations
@@ -69,7 +73,15 @@ from gmqtt.mqtt.constants import MQTTCommands, MQTTv50, MQTTv311  # type: ignore
 from gmqtt.mqtt.handler import MQTTConnectError  # type: ignore[import-untyped]
 from gmqtt.mqtt.package import CommandWithMidPacket  # type: ignore[import-untyped]
 
-from connectors.common import Message, Rejected, content_hash, ssl_context, to_events
+from connectors.common import (
+    Message,
+    Rejected,
+    content_hash,
+    convert,
+    ssl_context,
+    to_events,
+    utf8,
+)
 from eventhub.events import STRUCTURED, Event
 from eventhub.resources import Resource
 from eventhub.sources import SourceContext
@@ -328,13 +340,24 @@ class _Session:
     async def _deliver(self, batch: list[_Received]) -> None:
         events: list[Event] = []
         for item in batch:
-            message = to_message(self._spec, item.topic, item.payload, item.qos, item.properties)
             try:
-                events.extend(to_events(message, self._spec, DEFAULT_TYPE))
+                events.extend(
+                    publish_events(self._spec, item.topic, item.payload, item.qos, item.properties)
+                )
             except Rejected as exc:
-                await self._ctx.reject(message.id, exc.reason, item.payload, message.extensions)
+                await self._reject(item, exc.reason)
         if events:
             await self._ctx.deliver(events)
+
+    async def _reject(self, item: _Received, reason: str) -> None:
+        spec = self._spec
+        try:
+            message = to_message(spec, item.topic, item.payload, item.qos, item.properties)
+            message_id, metadata = message.id, dict(message.extensions)
+        except Exception:  # what failed the conversion: keep the message with less context
+            message_id, metadata = content_hash(item.topic, item.payload), {"topic": item.topic}
+        metadata = {k: utf8(v) for k, v in metadata.items()}
+        await self._ctx.reject(utf8(message_id), reason, item.payload, metadata)
 
     def _received(
         self, topic: str | bytes, payload: bytes, qos: int, properties: Any, mid: int | None
@@ -376,6 +399,15 @@ class _Session:
 
 def _filter(spec: MQTTSpec, topic: str) -> str:
     return f"$share/{spec.shared_group}/{topic}" if spec.shared_group else topic
+
+
+def publish_events(
+    spec: MQTTSpec, topic: str, payload: bytes, qos: int, properties: dict[str, Any]
+) -> list[Event]:
+    """The events of one PUBLISH; raises :class:`Rejected` for one that cannot become any."""
+    return convert(
+        lambda: to_events(to_message(spec, topic, payload, qos, properties), spec, DEFAULT_TYPE)
+    )
 
 
 def to_message(

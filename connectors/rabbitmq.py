@@ -32,6 +32,13 @@ CloudEvents AMQP binding, for ``format: auto`` (the rules are in :mod:`connector
   a string, an AMQP timestamp or an integer of milliseconds since the epoch.
 - structured mode: ``content-type: application/cloudevents+json``.
 - anything else is wrapped: see :meth:`RabbitMQConnector.message` for the attributes.
+
+A message that cannot become an event is rejected (:meth:`RabbitMQConnector.events`): besides
+the common reasons (bad charset, invalid CloudEvent, too large), a ``timestamp`` property or a
+``T`` header value past the year 9999 (a timestamp in microseconds), a header name or a short
+string property that is not UTF-8 (read leniently: :mod:`connectors.amqpwire`; pamqp alone
+would close the channel on them, and RabbitMQ would hand the same message out again forever),
+a ``cloudEvents_time`` number out of range, or any error of the conversion.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote, unquote
@@ -52,7 +59,16 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from yarl import URL
 
-from connectors.common import Message, Rejected, content_hash, ssl_context, to_events
+from connectors import amqpwire
+from connectors.common import (
+    Message,
+    Rejected,
+    content_hash,
+    convert,
+    ssl_context,
+    to_events,
+    utf8,
+)
 from eventhub.events import Event, canonical
 from eventhub.ports import Connector
 from eventhub.resources import Resource
@@ -73,6 +89,7 @@ _RESERVED = frozenset(
     {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema"}
 )
 _Item = AbstractIncomingMessage | BaseException
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class RabbitMQConnector:
@@ -87,6 +104,7 @@ class RabbitMQConnector:
         self.event_source = f"amqp://{quote(vhost, safe='')}/{quote(spec.queue, safe='')}"
 
     async def run(self, ctx: SourceContext) -> None:
+        amqpwire.install()  # before anything is decoded: an odd value must not close the channel
         connection = await aio_pika.connect(
             self._url,
             ssl_context=ssl_context(self.spec.tls) if self.spec.tls else None,
@@ -162,12 +180,25 @@ class RabbitMQConnector:
         events: list[Event] = []
         for message in batch:
             try:
-                events.extend(to_events(self.message(message), self.spec, DEFAULT_TYPE))
+                events.extend(self.events(message))
             except Rejected as exc:  # stored now, acked with its batch
-                metadata = self._extensions(message)
-                await ctx.reject(self._id(message), exc.reason, message.body, metadata)
+                await self._reject(ctx, message, exc.reason)
         if events:
             await ctx.deliver(events)
+
+    def events(self, message: AbstractIncomingMessage) -> list[Event]:
+        """The events of one message; raises :class:`Rejected` for one that cannot become any."""
+        return convert(lambda: to_events(self.message(message), self.spec, DEFAULT_TYPE))
+
+    async def _reject(
+        self, ctx: SourceContext, message: AbstractIncomingMessage, reason: str
+    ) -> None:
+        """Its dead letter, with what of its metadata can be stored whatever the message held."""
+        try:
+            metadata = {k: utf8(v) for k, v in self._extensions(message).items()}
+        except Exception:  # the metadata is a courtesy: the message itself is what is kept
+            metadata = {}
+        await ctx.reject(utf8(self._id(message)), reason, message.body, metadata)
 
     def message(self, message: AbstractIncomingMessage) -> Message:
         """A wrapped message becomes an event with:
@@ -185,6 +216,9 @@ class RabbitMQConnector:
           digits, not a context attribute) and whose value is a string, number, boolean or
           timestamp, in canonical string form.
         """
+        unreadable = amqpwire.unreadable(message.timestamp, message.headers or {})
+        if unreadable is not None:
+            raise Rejected(unreadable)
         return Message(
             payload=message.body,
             id=self._id(message),
@@ -229,7 +263,7 @@ class RabbitMQConnector:
             message.correlation_id or "",
             message.type or "",
             message.app_id or "",
-            orjson.dumps(stable, default=str, option=orjson.OPT_SORT_KEYS),
+            _digestible(stable),
             message.body,
         )
 
@@ -299,12 +333,32 @@ def _ce_attributes(headers: Mapping[str, Any]) -> dict[str, str] | None:
             continue
         name = key[len(prefix) :]
         if name == "time" and isinstance(value, int) and not isinstance(value, bool):
-            value = datetime.fromtimestamp(value / 1000, UTC)  # AMQP binding: milliseconds
+            value = _millis(key, value)  # AMQP binding: milliseconds
         text = _text(value)
         if text is None:
             raise Rejected(f"invalid-cloudevent: header {key} is not a string, number or time")
         attributes.setdefault(name, text)
     return attributes
+
+
+def _millis(header: str, value: int) -> datetime:
+    try:
+        return _EPOCH + timedelta(milliseconds=value)
+    except OverflowError:  # past the year 9999 or before 1
+        raise Rejected(
+            f"invalid-cloudevent: header {header}: {value} is out of range as milliseconds"
+            " since the epoch"
+        ) from None
+
+
+def _digestible(headers: Mapping[str, Any]) -> bytes:
+    """The headers as bytes for the message's digest: the same for the same headers, whatever
+    their values (nested deeper than JSON allows, integers past 64 bits, names not UTF-8)."""
+    try:
+        return orjson.dumps(headers, default=str, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        items = sorted(headers.items(), key=lambda item: item[0])
+        return repr(items).encode("utf-8", "surrogatepass")
 
 
 def _text(value: object) -> str | None:
@@ -314,6 +368,8 @@ def _text(value: object) -> str | None:
             return value.decode("utf-8")
         except UnicodeDecodeError:
             return None
+    if isinstance(value, amqpwire.BadTimestamp):
+        return None
     if isinstance(value, str | bool | int | float | Decimal | datetime):
         return canonical(value)
     return None

@@ -182,6 +182,28 @@ async def test_malformed_message_becomes_a_dead_letter_and_the_next_flows(
     await wait_until_committed(kafka, group, topic, [3])
 
 
+async def test_a_timestamp_in_microseconds_becomes_a_dead_letter_and_the_next_flows(
+    kafka: TansuBroker, hub: RunningHub, function: FunctionServer
+) -> None:
+    topic = unique("micros")
+    await kafka.create_topic(topic)
+    await hub.function("fn", function.url("fn"))
+    source = await kafka_source(hub, kafka, topic, "fn")
+    micros = 1_714_564_800_000_000  # 2024-05-01 in microseconds: past the year 9999 as ms
+    async with kafka.producer() as producer:
+        await producer.send_and_wait(topic, b'{"n": 1}', timestamp_ms=micros)
+        await producer.send_and_wait(topic, b'{"n": 2}', timestamp_ms=1_714_564_800_000)
+    [call] = await function.wait_for(1, "fn")
+    assert call.ce["id"] == f"{topic}/0/1"
+    assert call.ce["time"] == "2024-05-01T12:00:00.000Z"
+    [letter] = await hub.wait_dead_letters(1, source=source)
+    assert letter["event"]["id"] == f"{topic}/0/0"
+    assert letter["errorCode"] == "invalid-time"
+    assert str(micros) in letter["errorMessage"]
+    await wait_until_committed(kafka, group=f"eventhub-{source}", topic=topic, offsets=[2])
+    assert len(function.calls_to("fn")) == 1
+
+
 async def wait_until_committed(
     kafka: TansuBroker, group: str, topic: str, offsets: list[int], wait: float = 10.0
 ) -> None:

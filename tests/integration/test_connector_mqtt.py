@@ -277,6 +277,32 @@ async def test_malformed_messages_become_dead_letters_and_the_next_flows(
     assert len(function.calls) == 1
 
 
+async def test_an_exotic_charset_becomes_a_dead_letter_and_the_next_flows(
+    forget: Forget, hub: RunningHub, function: FunctionServer
+) -> None:
+    source, prefix = names()
+    forget(f"eventhub-{source}")
+    await prime(f"eventhub-{source}", f"{prefix}/#")
+    await hub.function("fn", function.url("fn"))
+    await hub.put("sources", source, {"type": "mqtt", "topics": [f"{prefix}/#"]})
+    await hub.bind(f"{source}-b", "fn", source=source)
+    await wait_bound(hub, source)
+    async with publisher() as pub:
+        # Codecs that fail with errors other than a UnicodeDecodeError
+        await pub.send(f"{prefix}/idna", b"xn--a", content_type="text/plain; charset=idna")
+        await pub.send(f"{prefix}/puny", b"a..b", content_type="text/plain; charset=punycode")
+        await pub.send(f"{prefix}/x", b"hi", content_type="text/plain; charset=x-klingon")
+        await pub.send(f"{prefix}/good", b"fine", content_type="text/plain; charset=utf-8")
+    [call] = await function.wait_for(1, "fn")
+    assert call.body == b"fine"
+    letters = await hub.wait_dead_letters(3, source=source)
+    assert [d["errorCode"] for d in letters] == ["bad-charset"] * 3
+    topics = {d["event"]["topic"] for d in letters}
+    assert topics == {f"{prefix}/idna", f"{prefix}/puny", f"{prefix}/x"}
+    await asyncio.sleep(0.5)
+    assert len(function.calls) == 1
+
+
 async def test_burst_above_high_water_mark_pauses_and_resumes_losing_nothing(
     forget: Forget, hub: RunningHub, function: FunctionServer
 ) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,7 @@ import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import ChannelClosed, ChannelInvalidStateError
+from pamqp.commands import Basic
 
 from tests.support import FunctionServer, HubProcess, RunningHub, client
 
@@ -246,6 +248,56 @@ async def test_malformed_messages_become_dead_letters_and_the_next_flows(
     await amqp.wait_counts(queue, ready=0, consumers=1)  # all acked, nothing requeued
     await asyncio.sleep(0.5)
     assert len(function.calls_to("fn")) == 1
+
+
+class RawProperties(Basic.Properties):  # type: ignore[misc]
+    """Properties as any AMQP client may write them: a timestamp as any 64-bit number, headers
+    as a field table written byte by byte (aio-pika itself refuses to send these)."""
+
+    def encode_property(self, name: str, value: Any) -> bytes:
+        if name == "timestamp" and isinstance(value, int):
+            return struct.pack(">Q", value)
+        if name == "headers" and isinstance(value, bytes):
+            return struct.pack(">I", len(value)) + value
+        return super().encode_property(name, value)  # type: ignore[no-any-return]
+
+
+def field(name: bytes, kind: bytes, value: bytes) -> bytes:
+    return bytes([len(name)]) + name + kind + value
+
+
+async def test_what_the_amqp_codec_cannot_read_becomes_a_dead_letter_and_the_next_flows(
+    amqp: Broker, hub: RunningHub, function: FunctionServer
+) -> None:
+    queue, _ = amqp.names()
+    await amqp.channel.declare_queue(queue)
+    await hub.function("fn", function.url("fn"))
+    await hub.put("sources", "odd", source_spec(queue))
+    await hub.bind("odd-to-fn", "fn", source="odd")
+    await amqp.wait_counts(queue, consumers=1)
+    raw = await amqp.channel.get_underlay_channel()
+    odd = {
+        "micros": RawProperties(timestamp=1_714_564_800_000_000),  # microseconds
+        "header-time": RawProperties(headers=field(b"at", b"T", struct.pack(">Q", 2**63))),
+        "header-name": RawProperties(headers=field(b"\xff\xfe", b"t", b"\x01")),
+        "decimal": RawProperties(headers=field(b"price", b"D", b"\x02" + struct.pack(">i", 1))),
+    }
+    for message_id, properties in odd.items():
+        properties.message_id = message_id
+        await raw.basic_publish(b"{}", routing_key=queue, properties=properties)
+    await amqp.publish("", queue, b'{"ok": true}', message_id="good-1")
+    calls = {ce(c)["id"]: ce(c) for c in await function.wait_for(2, "fn")}
+    assert set(calls) == {"decimal", "good-1"}  # an odd type of header is no error
+    assert calls["decimal"]["price"] == "0.01"
+    letters = await hub.wait_dead_letters(3, source="odd")
+    codes = {d["event"]["id"]: d["errorCode"] for d in letters}
+    assert codes == {
+        "micros": "invalid-time",
+        "header-time": "invalid-header",
+        "header-name": "invalid-header",
+    }
+    await amqp.wait_counts(queue, ready=0, consumers=1)  # all acked: nothing comes back
+    assert len(function.calls_to("fn")) == 2
 
 
 async def test_a_burst_above_the_high_water_mark_pauses_and_resumes_without_loss(
