@@ -3,14 +3,25 @@
 ``store`` is idempotent by dead-letter id: a final attempt redelivered after a crash stores the
 same row once. Rows keep the original CloudEvent (attributes and data, byte for byte), every
 attempt, and the state of the delivery to the dead-letter function.
+
+PostgreSQL takes no NUL in ``text`` nor ``\u0000`` in ``jsonb``, and no text that is not
+UTF-8, yet a source can hand over both. So nothing is refused here:
+
+- the event's data is ``bytea``, any bytes;
+- an attribute value holding NUL or unencodable characters is stored in ``attributes`` as
+  ``{"base64": <its UTF-8 bytes, surrogates passed through>}`` instead of a string, and read back
+  as the original string (so a replay sends exactly what came in);
+- every other text (the ``event_*`` search columns, error messages, attempts' excerpts) is a
+  diagnostic: NUL and unencodable characters become U+FFFD there.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, overload
 
 import asyncpg
 import orjson
@@ -91,23 +102,23 @@ class DeadLetterStore:
             " $14, $15, $16, $17, $18)"
             " on conflict (id) do nothing",
             record.id,
-            record.invocation_id,
-            record.function,
-            record.binding,
-            event.source,
-            event.id,
-            event.type,
-            orjson.dumps(dict(event.attributes)).decode(),
+            _text(record.invocation_id),
+            _text(record.function),
+            _text(record.binding),
+            _text(event.attributes.get("source", "")),
+            _text(event.attributes.get("id", "")),
+            _text(event.attributes.get("type", "")),
+            attributes_json(event.attributes),
             event.data,
-            record.reason,
-            record.error_code,
-            record.error_message,
-            orjson.dumps(record.attempts).decode(),
+            _text(record.reason),
+            _text(record.error_code),
+            _text(record.error_message),
+            _json(record.attempts),
             record.enqueued_at,
             record.failed_at,
-            record.dead_letter_function,
+            _text(record.dead_letter_function),
             status,
-            record.source_name,
+            _text(record.source_name),
         )
 
     async def dead_letter_function_done(self, dl_id: str, ok: bool, error: str | None) -> None:
@@ -116,7 +127,7 @@ class DeadLetterStore:
             " where id = $1",
             dl_id,
             "delivered" if ok else "failed",
-            error,
+            _text(error),
         )
 
     async def get(self, dl_id: str) -> dict[str, Any]:
@@ -246,7 +257,7 @@ class DeadLetterStore:
                 " attempts = attempts || $2::jsonb where id = $1 and status = 'replaying'"
                 " returning replay_job",
                 dl_id,
-                orjson.dumps(attempts).decode(),
+                _json(attempts),
             )
         code, message = error or ("error", "")
         return await conn.fetchrow(
@@ -254,9 +265,9 @@ class DeadLetterStore:
             " attempts = attempts || $2::jsonb, error_code = $3, error_message = $4"
             " where id = $1 and status = 'replaying' returning replay_job",
             dl_id,
-            orjson.dumps(attempts).decode(),
-            code,
-            message,
+            _json(attempts),
+            _text(code),
+            _text(message),
         )
 
     async def apply_retention(self, max_age: float, max_count: int) -> int:
@@ -306,8 +317,76 @@ class DeadLetterStore:
         return row
 
 
+_BASE64 = "base64"
+
+
+def attributes_json(attributes: Mapping[str, str]) -> str:
+    """The ``attributes`` column: a JSON object of strings, except a value PostgreSQL cannot
+    hold as jsonb text, which becomes ``{"base64": ...}`` (see :func:`attributes_of`)."""
+    doc: dict[str, Any] = {}
+    for name, value in attributes.items():
+        if _storable(value):
+            doc[_text(name)] = value
+        else:
+            raw = value.encode("utf-8", "surrogatepass")
+            doc[_text(name)] = {_BASE64: base64.b64encode(raw).decode("ascii")}
+    return orjson.dumps(doc).decode()
+
+
+def attributes_of(text: str) -> dict[str, str]:
+    """The inverse of :func:`attributes_json`: the original strings."""
+    doc = orjson.loads(text)
+    return {
+        name: value
+        if isinstance(value, str)
+        else base64.b64decode(value[_BASE64]).decode("utf-8", "surrogatepass")
+        for name, value in doc.items()
+    }
+
+
+def _storable(value: str) -> bool:
+    if "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@overload
+def _text(value: str) -> str: ...
+@overload
+def _text(value: None) -> None: ...
+@overload
+def _text(value: str | None) -> str | None: ...
+def _text(value: str | None) -> str | None:
+    """A diagnostic string as PostgreSQL text can take it (NUL, lone surrogates: U+FFFD)."""
+    if value is None or _storable(value):
+        return value
+    cleaned = value.replace("\x00", "\ufffd")
+    return cleaned.encode("utf-8", "replace").decode("utf-8")
+
+
+def _clean(doc: Any) -> Any:
+    if isinstance(doc, str):
+        return _text(doc)
+    if isinstance(doc, dict):
+        return {_text(str(k)): _clean(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_clean(v) for v in doc]
+    return doc
+
+
+def _json(doc: Any) -> str:
+    """JSON for a ``jsonb`` column, its strings made storable (see :func:`_text`)."""
+    return orjson.dumps(_clean(doc)).decode()
+
+
 def event_of(row: Any) -> Event:
-    return Event(orjson.loads(row["attributes"]), bytes(row["data"]))
+    return Event(attributes_of(row["attributes"]), bytes(row["data"]))
 
 
 def record_of(row: Any) -> DeadLetterRecord:
@@ -358,7 +437,12 @@ def to_document(row: Any) -> dict[str, Any]:
 
 
 def _event_json(event: Event) -> dict[str, Any]:
-    doc = orjson.loads(event.structured_bytes())
+    try:
+        text = event.structured_bytes()
+    except orjson.JSONEncodeError:  # a lone surrogate: shown as U+FFFD (the row keeps it)
+        shown = Event({_text(k): _text(v) for k, v in event.attributes.items()}, event.data)
+        text = shown.structured_bytes()
+    doc = orjson.loads(text)
     if isinstance(doc, dict):
         return doc
     return {"data_base64": base64.b64encode(event.data).decode()}

@@ -6,6 +6,7 @@
     ├── InvalidInput            the caller sent something wrong: fix it (HTTP 400 / 413 / 415)
     │   ├── ResourceInvalid     a declared resource is wrong: names file, resource and field
     │   └── PayloadTooLarge     the body is above the configured limit (413)
+    │       └── MessageTooLarge an invocation would not fit in one NATS message
     ├── NotFound                the named resource does not exist (404)
     ├── Conflict                the change contradicts stored state (409)
     ├── Unauthorized            no or unknown bearer token (401)
@@ -67,6 +68,18 @@ class ResourceInvalid(InvalidInput):
 class PayloadTooLarge(InvalidInput):
     status = 413
     title = "Payload too large"
+
+
+class MessageTooLarge(PayloadTooLarge):
+    """An invocation (event data and every header, as NATS counts them) above ``limit`` bytes:
+    refused before anything is published, so no input can make the server close the NATS
+    connection. ``event_id`` names the event at fault, when there is one."""
+
+    def __init__(self, detail: str, *, size: int, limit: int, event_id: str | None = None) -> None:
+        super().__init__(detail, problems=(FieldProblem("body", f"must fit in {limit} bytes"),))
+        self.size = size
+        self.limit = limit
+        self.event_id = event_id
 
 
 class UnsupportedMediaType(InvalidInput):

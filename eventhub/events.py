@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +28,8 @@ from eventhub.errors import FieldProblem, InvalidInput, UnsupportedMediaType
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 _JSON_TYPE = re.compile(r"^(application|text)/([a-zA-Z0-9\-.]+\+)?json(;.*)?$")
+# Disallowed in CloudEvents strings (spec, "Type System"): C0 and C1 controls, DEL.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SAFE = "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in ' "%')
 _FORMAT = JSONFormat()
 
@@ -135,7 +137,26 @@ def parse_http(headers: Mapping[str, str], body: bytes) -> list[Event]:
         raise _validation_problem(exc, "ce-") from None
     except (BaseCloudEventException, ValueError, TypeError) as exc:
         raise InvalidInput(f"invalid CloudEvent headers: {exc}") from None
-    return [_from_sdk(sdk_event, body, had_time="ce-time" in lowered)]
+    event = _from_sdk(sdk_event, body, had_time="ce-time" in lowered)
+    _check_controls(event.attributes, _header_of)
+    return [event]
+
+
+def _header_of(attribute: str) -> str:
+    return "content-type" if attribute == "datacontenttype" else "ce-" + attribute
+
+
+def _check_controls(attributes: Mapping[str, str], name_of: Callable[[str], str]) -> None:
+    """Refuse control characters in attribute values: the CloudEvents type system disallows
+    them, HTTP headers cannot carry them, PostgreSQL cannot store NUL in text."""
+    problems = tuple(
+        FieldProblem(name_of(name), "must not contain control characters")
+        for name, value in attributes.items()
+        if _CONTROL.search(value)
+    )
+    if problems:
+        detail = "; ".join(str(p) for p in problems)
+        raise InvalidInput(f"invalid CloudEvent: {detail}", problems=problems)
 
 
 def _parse_batch(body: bytes) -> list[Event]:
@@ -170,6 +191,7 @@ def from_attributes(attributes: Mapping[str, str], data: bytes, prefix: str = ""
         raise _validation_problem(exc, prefix) from None
     except (BaseCloudEventException, ValueError, TypeError) as exc:
         raise InvalidInput(f"invalid CloudEvent attributes: {exc}") from None
+    _check_controls(attributes, lambda name: prefix + name)
     return Event(dict(attributes), data)
 
 
@@ -194,11 +216,14 @@ def parse_structured(body: bytes, prefix: str = "") -> Event:
         event = _FORMAT.read(CloudEvent, orjson.dumps(doc))
     except CloudEventValidationError as exc:
         raise _validation_problem(exc, prefix) from None
-    except (BaseCloudEventException, ValueError, TypeError) as exc:
+    except (BaseCloudEventException, ValueError, TypeError, AttributeError) as exc:
+        # AttributeError: the SDK parses a non-string "time" (a list...) without checking it.
         raise InvalidInput(f"invalid CloudEvent: {exc}") from None
     if not isinstance(event, CloudEvent):
         raise InvalidInput("only CloudEvents 1.0 are accepted")
-    return _from_sdk(event, None, had_time="time" in doc)
+    parsed = _from_sdk(event, None, had_time="time" in doc)
+    _check_controls(parsed.attributes, lambda name: prefix + name)
+    return parsed
 
 
 def _from_sdk(event: Any, raw_data: bytes | None, *, had_time: bool) -> Event:

@@ -3,7 +3,9 @@
 ``submit`` routes events through the bindings of one source and publishes one invocation per
 match; ``invoke`` enqueues one invocation of one function. Both return only after every
 invocation is durably in JetStream (PubAck), so a caller that is told "accepted" can forget the
-event. The HTTP API and every connector go through this one door.
+event. The HTTP API and every connector go through this one door. An invocation that would not
+fit in one NATS message with :data:`~eventhub.sizes.INGRESS_RESERVE` to spare is refused with
+``MessageTooLarge`` (413) before any of the request's invocations is published.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from eventhub.invocations import (
 from eventhub.metrics import Metrics
 from eventhub.queue import InvocationQueue
 from eventhub.routing import Router
+from eventhub.sizes import INGRESS_RESERVE
 from eventhub.state import InvocationState
 
 INVOKE_SOURCE = "/eventhub/invocations"
@@ -55,11 +58,13 @@ class Ingress:
         trace: Trace = Trace(),
         *,
         record_queued: bool = True,
+        caller: str | None = None,
     ) -> list[Invocation]:
         """Publish one invocation per (event, matching binding); returns them.
 
         ``record_queued`` writes their 'queued' state, for callers that hand the ids out (the
-        HTTP API); connectors skip it, and their invocations' state starts at dispatch."""
+        HTTP API); connectors skip it, and their invocations' state starts at dispatch.
+        ``caller`` (a token id) may then read that state."""
         routes = self._router.routes
         traceparent, tracestate = trace.traceparent, trace.tracestate
         invocations: list[Invocation] = []
@@ -87,9 +92,9 @@ class Ingress:
         if unrouted:
             self._metrics.events_unrouted.labels(source).inc(unrouted)
         if invocations:
-            await self._queue.publish_all(invocations)
+            await self._queue.publish_all(invocations, reserve=INGRESS_RESERVE)
             if record_queued:
-                await self._state.queued([(i.id, i.function) for i in invocations])
+                await self._state.queued([(i.id, i.function) for i in invocations], owner=caller)
             # One metric update per function, not per invocation (a hot path for sources).
             for function, count in Counter(i.function for i in invocations).items():
                 self._metrics.invocations_enqueued.labels(function).inc(count)
@@ -120,11 +125,16 @@ class Ingress:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         trace: Trace = Trace(),
+        caller: str | None = None,
     ) -> Invocation:
+        """Enqueue one invocation of ``function``. ``caller`` (a token id) owns it: its
+        ``idempotency_key`` is scoped to that caller, and only it may read the state."""
         if function not in self._router.routes.functions:
             raise NotFound(f"Function '{function}' does not exist")
         inv_id = (
-            keyed_invocation_id(function, idempotency_key) if idempotency_key else str(uuid.uuid4())
+            keyed_invocation_id(function, idempotency_key, caller or "")
+            if idempotency_key
+            else str(uuid.uuid4())
         )
         if idempotency_key and await self._state.exists(inv_id):
             # Seen within state_ttl: JetStream's own window is shorter, so answer from here.
@@ -148,7 +158,7 @@ class Ingress:
             tracestate=trace.tracestate,
         )
         self._metrics.events_in.labels("invoke").inc()
-        await self._queue.publish(invocation)
-        await self._state.queued([(inv_id, function)])
+        await self._queue.publish(invocation, reserve=INGRESS_RESERVE)
+        await self._state.queued([(inv_id, function)], owner=caller)
         self._metrics.invocations_enqueued.labels(function).inc()
         return invocation

@@ -54,8 +54,10 @@ def event_invocation_id(event: Event, binding: str) -> str:
     return str(uuid.uuid5(_IDS, f"{event.source}\x00{event.id}\x00{binding}"))
 
 
-def keyed_invocation_id(function: str, idempotency_key: str) -> str:
-    return str(uuid.uuid5(_IDS, f"key\x00{function}\x00{idempotency_key}"))
+def keyed_invocation_id(function: str, idempotency_key: str, caller: str = "") -> str:
+    """The id of a direct invocation with an ``Idempotency-Key``: one per (caller's token id,
+    function, key), so one caller's key never answers for another's."""
+    return str(uuid.uuid5(_IDS, f"key\x00{caller}\x00{function}\x00{idempotency_key}"))
 
 
 _TRACE_IDS = random.Random()  # noqa: S311 - trace ids must be unique, not secret

@@ -3,14 +3,22 @@
 The request carries the event in the function's ``eventFormat`` (binary: ``ce-*`` headers and the
 data as body; structured: ``application/cloudevents+json``), the function's own ``headers``, and
 ``Eventhub-Invocation-Id``, ``Eventhub-Attempt`` and W3C ``traceparent``. Transport failures are
-mapped here, once, to outcomes with an ``error`` code: ``timeout`` or ``connection``. The invoker
-never raises for a failed call; cancellation propagates.
+mapped here, once, to outcomes with an ``error`` code: ``timeout`` or ``connection`` (retried), or
+``invalid-request`` when the request cannot be sent at all (a header value the HTTP client
+refuses, such as a control character in ``datacontenttype`` or in the function's ``headers``): no
+retry can fix that, so it is final. The invoker never raises for a failed call; cancellation
+propagates.
+
+The response's first :data:`EXCERPT_BYTES` are kept as text for the attempt history: asked for
+uncompressed (``Accept-Encoding: identity``), a gzip or deflate body is decompressed anyway, and
+bytes that are not UTF-8 text (and NUL) become U+FFFD.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import zlib
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -22,6 +30,7 @@ from eventhub.resources import FunctionSpec
 from eventhub.retry import Outcome
 
 EXCERPT_BYTES = 1024
+INVALID_REQUEST = "invalid-request"
 USER_AGENT = "eventhub/0.1"
 
 
@@ -45,7 +54,9 @@ class Invoker:
                     status=response.status,
                     retry_after=parse_retry_after(response.headers.get("Retry-After")),
                     latency=time.monotonic() - started,
-                    response_excerpt=excerpt.decode("utf-8", errors="replace"),
+                    response_excerpt=excerpt_text(
+                        excerpt, response.headers.get("Content-Encoding")
+                    ),
                 )
         except TimeoutError:
             return Outcome(
@@ -57,6 +68,12 @@ class Invoker:
             return Outcome(
                 error="connection",
                 message=f"{type(exc).__name__}: {exc}"[:500],
+                latency=time.monotonic() - started,
+            )
+        except ValueError as exc:  # aiohttp refuses the headers (injection, not encodable)
+            return Outcome(
+                error=INVALID_REQUEST,
+                message=f"the request cannot be sent: {exc}"[:500],
                 latency=time.monotonic() - started,
             )
 
@@ -76,6 +93,7 @@ def request_for(
     else:
         headers = event.binary_headers()
         body = event.data
+    headers["Accept-Encoding"] = "identity"
     headers.update(spec.headers)
     headers["Eventhub-Invocation-Id"] = invocation.id
     headers["Eventhub-Attempt"] = str(attempt)
@@ -84,6 +102,21 @@ def request_for(
         headers["tracestate"] = invocation.tracestate
     headers["User-Agent"] = USER_AGENT
     return headers, body
+
+
+def excerpt_text(excerpt: bytes, encoding: str | None) -> str:
+    """The start of a response body as text: decompressed (at most :data:`EXCERPT_BYTES` out of
+    a possibly truncated stream), undecodable bytes and NUL as U+FFFD."""
+    coding = (encoding or "identity").strip().lower()
+    if excerpt and coding in ("gzip", "x-gzip", "deflate"):
+        wbits = 47 if coding != "deflate" else (15 if excerpt[:1] == b"\x78" else -15)
+        try:
+            excerpt = zlib.decompressobj(wbits).decompress(excerpt, EXCERPT_BYTES)
+        except zlib.error:
+            return f"[{coding}-encoded body that cannot be decompressed]"
+    elif coding != "identity":
+        return f"[{coding}-encoded body]"
+    return excerpt.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 def parse_retry_after(value: str | None) -> float | None:

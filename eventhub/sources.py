@@ -44,7 +44,7 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 
-from eventhub.errors import QueueFull
+from eventhub.errors import MessageTooLarge, QueueFull
 from eventhub.events import Event, now_rfc3339
 from eventhub.ingress import Ingress
 from eventhub.metrics import Metrics
@@ -63,6 +63,7 @@ _ROOM_EVERY = 1.0
 _BACKOFF_MAX = 30.0
 _STOP_TIMEOUT = 10.0
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
+_CORE_ATTRIBUTES = frozenset({"specversion", "id", "source", "type"})
 
 
 Ack = Callable[[], None]
@@ -205,11 +206,26 @@ class SourceContext:
             except QueueFull:
                 self.room.clear()  # the room check sets it again once JetStream has space
                 continue
+            except MessageTooLarge as exc:  # nothing was published: drop that one, send the rest
+                events = await self._reject_too_large(events, exc)
+                if events:
+                    continue
             self.events_in += len(events)
             self.last_event_at = time.time()
             self.supervisor.metrics.source_events.labels(self.name).inc(len(events))
             self.supervisor.metrics.source_last_event.labels(self.name).set(self.last_event_at)
             return
+
+    async def _reject_too_large(self, events: Sequence[Event], exc: MessageTooLarge) -> list[Event]:
+        """Store the event that cannot fit in one NATS message as a dead letter of the source
+        (``too-large``); returns the others."""
+        matching = [e for e in events if e.attributes.get("id") == exc.event_id]
+        big = max(matching, key=lambda e: len(e.data), default=None)
+        if big is None:
+            raise exc
+        extensions = {k: v for k, v in big.attributes.items() if k not in _CORE_ATTRIBUTES}
+        await self.reject(big.id, f"too-large: {exc.detail}", big.data, extensions)
+        return [e for e in events if e is not big]
 
     @property
     def ordered(self) -> bool:

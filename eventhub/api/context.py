@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -37,18 +38,37 @@ class ApiContext:
     checks: dict[str, Check] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request: a stable id of its token (never the token itself) and its scopes.
+
+    The id is the same in every hub process and changes when the token does; idempotency keys
+    and invocation status are scoped to it."""
+
+    id: str
+    scopes: frozenset[Scope]
+
+
+def caller_id(token: str) -> str:
+    return hashlib.sha256(b"eventhub-token\x00" + token.encode()).hexdigest()[:32]
+
+
 CONTEXT = web.AppKey("context", ApiContext)
+CALLER = web.RequestKey("caller", Caller)  # set by the auth middleware on scoped routes
 SCOPE_ATTR = "_eventhub_scope"
+ALSO_ATTR = "_eventhub_also"  # scopes that serve instead of SCOPE_ATTR's
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 
-def requires(scope: Scope) -> Callable[[Handler], Handler]:
-    """Mark a handler with the token scope it needs."""
+def requires(scope: Scope, *instead: Scope) -> Callable[[Handler], Handler]:
+    """Mark a handler with the token scope it needs (or any of ``instead``)."""
 
     def mark(handler: Handler) -> Handler:
         setattr(handler, SCOPE_ATTR, scope)
+        if instead:
+            setattr(handler, ALSO_ATTR, frozenset(instead))
         return handler
 
     return mark

@@ -6,9 +6,9 @@ import re
 
 import orjson
 from aiohttp import web
-from yarl import URL
 
-from eventhub.api.context import CONTEXT, requires
+from eventhub import callbackpolicy
+from eventhub.api.context import CALLER, CONTEXT, requires
 from eventhub.errors import FieldProblem, InvalidInput, NotFound
 from eventhub.events import parse_http
 from eventhub.ingress import Trace
@@ -39,7 +39,9 @@ async def post_events(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     body = await request.read()
     events = parse_http(request.headers, body)
-    invocations = await ctx.ingress.submit(API_SOURCE, events, trace_of(request))
+    invocations = await ctx.ingress.submit(
+        API_SOURCE, events, trace_of(request), caller=request[CALLER].id
+    )
     return _json(
         {
             "accepted": len(events),
@@ -62,17 +64,8 @@ async def _invoke(request: web.Request) -> Invocation:
             problems=(FieldProblem("Idempotency-Key", f"must be 1 to {_KEY_MAX} characters"),),
         )
     callback = request.headers.get("X-Callback-Url")
-    if callback is not None:
-        try:
-            url = URL(callback)
-            valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
-        except ValueError:
-            valid = False
-        if not valid:
-            raise InvalidInput(
-                "X-Callback-Url must be an absolute http(s) URL",
-                problems=(FieldProblem("X-Callback-Url", "must be an absolute http(s) URL"),),
-            )
+    if callback is not None:  # checked again when sent: see eventhub.callbackpolicy
+        await callbackpolicy.check(callback, callbackpolicy.policy_of(ctx.settings.callback_allow))
     body = await request.read()
     return await ctx.ingress.invoke(
         name,
@@ -81,6 +74,7 @@ async def _invoke(request: web.Request) -> Invocation:
         idempotency_key=key,
         callback_url=callback,
         trace=trace_of(request),
+        caller=request[CALLER].id,
     )
 
 
@@ -102,12 +96,16 @@ async def post_async_function(request: web.Request) -> web.Response:
     return web.Response(status=202, headers={"X-Call-Id": invocation.id})
 
 
-@requires(Scope.INVOKE)
+@requires(Scope.INVOKE, Scope.ADMIN)
 async def get_invocation(request: web.Request) -> web.Response:
+    """Readable with the token that created the invocation, or any ``admin`` token; to every
+    other token it does not exist (404, as for an unknown id)."""
     ctx = request.app[CONTEXT]
+    caller = request[CALLER]
     inv_id = request.match_info["id"]
     doc = await ctx.state.get(inv_id)
-    if doc is None:
+    owner = doc.pop("owner", None) if doc is not None else None
+    if doc is None or (Scope.ADMIN not in caller.scopes and owner != caller.id):
         raise NotFound(f"invocation '{inv_id}' is unknown (or older than the state TTL)")
     return _json(doc)
 

@@ -5,9 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
+from eventhub.settings import Settings
 from tests.support import FunctionServer, RunningHub
 
 CE = {"ce-specversion": "1.0", "ce-id": "x", "ce-source": "/s", "ce-type": "t"}
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The function server listens on 127.0.0.1: callbacks to it must be allowed."""
+    return settings.model_copy(update={"callback_allow": ("127.0.0.1",)})
 
 
 async def test_every_v1_route_needs_a_token(hub: RunningHub) -> None:
