@@ -45,6 +45,8 @@ class FunctionServer:
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
     # Per path: a status chosen from the call itself (None: the script, then 200, decide).
     rules: dict[str, Callable[[Call], int | None]] = field(default_factory=dict)
+    # Per path: calls are held (unanswered) until the event is set.
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
     in_flight: int = 0
     max_in_flight: int = 0
     port: int = 0
@@ -103,6 +105,8 @@ class FunctionServer:
                 self._changed.notify_all()
             if self.delays.get(path):
                 await asyncio.sleep(self.delays[path])
+            if path in self.gates:
+                await self.gates[path].wait()
             status = self.rules[path](call) if path in self.rules else None
             if status is None:
                 queue = self.script.get(path) or []

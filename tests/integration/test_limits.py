@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import time
 
 from eventhub.settings import Settings
 from tests.conftest import TOKEN
@@ -32,14 +32,11 @@ async def test_rate_limit_spaces_invocations(settings: Settings, function: Funct
     async with start_hub(settings, TOKEN) as hub:
         await hub.function("paced", function.url("paced"), rateLimit="10/s", maxConcurrency=50)
         await hub.bind("to-paced", "paced")
+        posted = time.monotonic()
         await asyncio.gather(*(hub.post_event(f"r{i}") for i in range(20)))
         calls = await function.wait_for(20, "paced", wait=30)
-    times = sorted(c.at for c in calls)
-    assert times[-1] - times[0] >= 1.7  # 20 calls at 10/s: slots 100 ms apart
-    for i, start in enumerate(times):
-        in_window = sum(1 for t in times[i:] if t - start < 1.0)
-        # Slots are 100 ms apart; one more may land in a 1 s window through arrival jitter.
-        assert in_window <= 11, in_window
+    assert sorted(c.ce["id"] for c in calls) == sorted(f"r{i}" for i in range(20))
+    assert_paced(posted, [c.at for c in calls], interval=0.1)  # 10/s: slots 100 ms apart
 
 
 async def test_no_burst_after_an_idle_spell(settings: Settings, function: FunctionServer) -> None:
@@ -47,8 +44,20 @@ async def test_no_burst_after_an_idle_spell(settings: Settings, function: Functi
         await hub.function("calm", function.url("calm"), rateLimit="2/s", maxConcurrency=10)
         await hub.bind("to-calm", "calm")
         await asyncio.sleep(1.5)  # idle: a slot booked in advance would be long past now
+        posted = time.monotonic()
         await asyncio.gather(*(hub.post_event(f"c{i}", type_="t") for i in range(3)))
         calls = await function.wait_for(3, "calm")
-    times = sorted(c.at for c in calls)
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert all(gap >= 0.4 for gap in gaps), gaps  # slots 500 ms apart, from the first call on
+    # Slots 500 ms apart from the first call on: a slot booked before the idle spell would let
+    # two calls through at once.
+    assert_paced(posted, [c.at for c in calls], interval=0.5)
+
+
+def assert_paced(posted: float, arrivals: list[float], interval: float) -> None:
+    """The k-th call (0-based, by arrival) came no sooner than k intervals after the events
+    were posted. Each call waits for its own slot, booked in Redis (GCRA) once its message is
+    there; slots are ``interval`` apart and none lies before the posting. A call arrives after
+    its slot, so however a loaded machine delays or bunches arrivals, this holds; 10 ms are
+    allowed between Redis's clock and ours. (Gaps between arrivals are not checked: a delayed
+    call may arrive just before the next one.)"""
+    for k, at in enumerate(sorted(arrivals)):
+        assert at - posted >= k * interval - 0.01, (k, at - posted)

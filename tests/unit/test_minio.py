@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -262,10 +261,8 @@ async def test_abandon_stops_a_blocked_reader() -> None:
     listener = _Listener(_Client(ours), LISTEN, asyncio.get_running_loop())
     reader = asyncio.get_running_loop().run_in_executor(None, listener.run)
     assert isinstance(await asyncio.wait_for(listener.get(), 5), _Opened)
-    started = time.monotonic()
     listener.abandon()
-    await asyncio.wait_for(reader, 5)
-    assert time.monotonic() - started < 1
+    await asyncio.wait_for(reader, 30)  # without abandon, it would block for good
     theirs.close()
     ours.close()
 
