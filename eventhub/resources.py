@@ -20,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import orjson
 import yaml
 from pydantic import (
     BaseModel,
@@ -225,6 +226,10 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
                 name=name,
                 problems=(FieldProblem(exc.path, exc.message),),
             ) from None
+    try:
+        orjson.dumps(spec)  # it is stored as JSON: no integer above 64 bits, bytes, int keys
+    except TypeError as exc:
+        raise _invalid(origin, label, name, "spec", f"cannot be stored as JSON: {exc}") from None
     return Resource(parsed_kind, name, dict(spec), model, dict(labels))
 
 

@@ -34,6 +34,8 @@ def parse_duration(value: str | float | int) -> float:
         if value < 0:
             raise ValueError("a duration must not be negative")
         return float(value)
+    if not isinstance(value, str):  # a mapping or a list from YAML/JSON: a caller's mistake
+        raise ValueError("expected a duration such as '30s' or '5m'")
     text = value.strip()
     try:
         seconds = float(text)

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from eventhub.api import deadletters, health, ingress, middleware, resources, ui, webhooks
+from eventhub.api import (
+    deadletters,
+    health,
+    ingress,
+    middleware,
+    openapi,
+    resources,
+    ui,
+    webhooks,
+)
 from eventhub.api.context import CONTEXT, ApiContext
 
 
 def build(ctx: ApiContext, *, v1: bool = True) -> web.Application:
-    """Health and metrics always; the ``/v1`` API (and its OpenFaaS alias) when ``v1``."""
+    """Health, metrics and ``/openapi.json`` always; the ``/v1`` API (and its OpenFaaS alias)
+    when ``v1``."""
     app = web.Application(
         middlewares=[middleware.errors, middleware.auth],
         client_max_size=ctx.settings.max_body_size,
     )
     app[CONTEXT] = ctx
     health.add_routes(app)
+    openapi.add_routes(app)  # describes whatever routes the app ends up with
     if v1:
         ingress.add_routes(app)
         resources.add_routes(app)

@@ -1,0 +1,305 @@
+"""The component schemas of ``/openapi.json``.
+
+The resource specs are generated from the pydantic models that validate them
+(:mod:`eventhub.resources`, :mod:`eventhub.sourcespecs`), so a field added to a model appears
+here by itself. The human units those models parse before validating (durations, sizes, rates)
+are described as what a caller writes (``30s``, ``1MiB``, ``50/s``), not as the number they
+become. The answers' schemas are written by hand: they name the fields every answer carries and
+allow more, so that a field added to an answer is not a breaking change of the document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
+
+from dlq.store import STATUSES
+from eventhub.resources import API_VERSION, NAME_PATTERN, SPEC_ADAPTERS, Kind
+from eventhub.units import parse_duration, parse_size
+
+Schema = dict[str, Any]
+
+DURATION: Schema = {
+    "description": "seconds, or a duration such as 250ms, 30s, 1m30s, 2h, 7d",
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"},
+    ],
+}
+SIZE: Schema = {
+    "description": "bytes, or a size such as 512KiB or 1MB",
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": "^[0-9]+(B|KB|KiB|MB|MiB|GB|GiB)?$"},
+    ],
+}
+RATE: Schema = {
+    "description": "calls per period, spaced evenly: 50/s, 600/m, 10/5s",
+    "anyOf": [
+        {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?/[0-9]*(ms|s|m|h|d)$"},
+        {"type": "null"},
+    ],
+}
+
+
+class _Written(GenerateJsonSchema):
+    """JSON Schema of what a user writes: a unit parsed before validation is shown as text."""
+
+    def function_before_schema(
+        self, schema: core_schema.BeforeValidatorFunctionSchema
+    ) -> JsonSchemaValue:
+        function = schema["function"]["function"]
+        if function is parse_duration:
+            return dict(DURATION)
+        if function is parse_size:
+            return dict(SIZE)
+        if getattr(function, "__name__", "") == "_parse_rate":
+            return dict(RATE)
+        return super().function_before_schema(schema)
+
+
+def _spec(kind: Kind) -> tuple[Schema, dict[str, Schema]]:
+    """A kind's spec schema, with its ``$defs`` moved to the components."""
+    ref = "#/components/schemas/{model}"
+    schema = SPEC_ADAPTERS[kind].json_schema(
+        by_alias=True, ref_template=ref, schema_generator=_Written
+    )
+    defs = schema.pop("$defs", {})
+    return schema, defs
+
+
+def _document(kind: Kind, spec: Schema) -> Schema:
+    return {
+        "type": "object",
+        "description": f"a {kind.value}; metadata.name, if given, must be the path's name",
+        "required": ["spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": API_VERSION},
+            "kind": {"const": kind.value},
+            "metadata": {"$ref": "#/components/schemas/Metadata"},
+            "spec": spec,
+            "status": {"type": "object", "description": "read-only: ignored when written"},
+        },
+    }
+
+
+def _obj(required: list[str], **properties: Schema) -> Schema:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+_STR: Schema = {"type": "string"}
+_INT: Schema = {"type": "integer"}
+_TIME: Schema = {"type": "string", "format": "date-time"}
+_OPT_STR: Schema = {"type": ["string", "null"]}
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _list(name: str) -> Schema:
+    return {"type": "array", "items": _ref(name)}
+
+
+_CLOUD_EVENT: Schema = {
+    "type": "object",
+    "description": "a CloudEvent 1.0 in the JSON event format",
+    "required": ["specversion", "id", "source", "type"],
+    "properties": {
+        "specversion": {"const": "1.0"},
+        "id": {"type": "string", "minLength": 1},
+        "source": {"type": "string", "minLength": 1},
+        "type": {"type": "string", "minLength": 1},
+        "subject": _STR,
+        "time": _TIME,
+        "datacontenttype": _STR,
+        "dataschema": _STR,
+        "data": {},
+        "data_base64": {"type": "string", "contentEncoding": "base64"},
+    },
+}
+
+_FIXED: dict[str, Schema] = {
+    "Problem": {
+        "type": "object",
+        "description": "an RFC 9457 problem document",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": _STR,
+            "title": _STR,
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": _STR,
+            "errors": {
+                "type": "array",
+                "items": _obj(["field", "message"], field=_STR, message=_STR),
+            },
+        },
+    },
+    "Metadata": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "pattern": NAME_PATTERN},
+            "labels": {"type": "object", "additionalProperties": _STR},
+        },
+    },
+    "Resource": _obj(
+        ["apiVersion", "kind", "metadata", "spec"],
+        apiVersion={"const": API_VERSION},
+        kind={"enum": [k.value for k in Kind]},
+        metadata=_obj(["name"], name=_STR, labels={"type": "object"}),
+        spec={"type": "object", "description": "as it was written"},
+        status=_obj(["paused"], paused={"type": "boolean"}),
+    ),
+    "ResourceList": _obj(["items"], items=_list("Resource")),
+    "CloudEvent": _CLOUD_EVENT,
+    "EventsAccepted": _obj(
+        ["accepted", "invocations"],
+        accepted=_INT,
+        invocations={
+            "type": "array",
+            "items": _obj(
+                ["id", "function", "binding", "eventId"],
+                id=_STR,
+                function=_STR,
+                binding=_STR,
+                eventId=_STR,
+            ),
+        },
+    ),
+    "InvocationQueued": _obj(
+        ["id", "function", "status"], id=_STR, function=_STR, status={"const": "queued"}
+    ),
+    "Invocation": _obj(
+        ["id", "status", "attempts", "history"],
+        id=_STR,
+        status={"enum": ["queued", "running", "retrying", "succeeded", "dead-lettered", "failed"]},
+        function=_STR,
+        attempts=_INT,
+        lastStatus={"type": ["integer", "null"]},
+        lastError=_OPT_STR,
+        history={"type": "array", "items": {"type": "object"}},
+    ),
+    "FunctionStatus": _obj(
+        ["name", "maxConcurrency", "queued", "inFlight", "retrying"],
+        name=_STR,
+        maxConcurrency=_INT,
+        queued=_INT,
+        inFlight=_INT,
+        retrying=_INT,
+    ),
+    "SourceStatus": _obj(
+        ["name", "type", "paused", "state", "processes"],
+        name=_STR,
+        type=_STR,
+        paused={"type": "boolean"},
+        state=_STR,
+        processes={"type": "array", "items": {"type": "object"}},
+    ),
+    "DeadLetter": _obj(
+        ["id", "status", "reason", "attempts", "event"],
+        id=_STR,
+        function=_OPT_STR,
+        binding=_OPT_STR,
+        source=_OPT_STR,
+        status={"enum": list(STATUSES)},
+        reason=_STR,
+        errorCode=_OPT_STR,
+        attempts={"type": "array", "items": {"type": "object"}},
+        failedAt=_TIME,
+        deadLetterFunction={"type": "object"},
+        event={"type": "object"},
+    ),
+    "DeadLetterPage": _obj(["items", "nextCursor"], items=_list("DeadLetter"), nextCursor=_OPT_STR),
+    "DeadLetterStats": _obj(
+        ["total", "byFunction", "byError", "hourly"],
+        total=_INT,
+        oldest={"type": ["string", "null"]},
+        newest={"type": ["string", "null"]},
+        byFunction={"type": "array", "items": {"type": "object"}},
+        byError={"type": "array", "items": {"type": "object"}},
+        hourly={"type": "array", "items": {"type": "object"}},
+    ),
+    "DeadLetterFilter": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "function": _STR,
+            "binding": _STR,
+            "source": _STR,
+            "status": {"enum": list(STATUSES)},
+            "errorCode": _STR,
+            "reason": _STR,
+            "since": _TIME,
+            "until": _TIME,
+        },
+    },
+    "ReplayRequest": {
+        "type": "object",
+        "description": "either ids or filter; to: another function; rate: 50/s by default",
+        "additionalProperties": False,
+        "properties": {
+            "ids": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "uuid"}},
+            "filter": _ref("DeadLetterFilter"),
+            "to": _STR,
+            "rate": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?/[0-9]*(ms|s|m|h|d)$"},
+            "dryRun": {"type": "boolean"},
+        },
+    },
+    "PurgeRequest": {
+        "type": "object",
+        "description": "either ids or filter",
+        "additionalProperties": False,
+        "properties": {
+            "ids": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "uuid"}},
+            "filter": _ref("DeadLetterFilter"),
+            "dryRun": {"type": "boolean"},
+        },
+    },
+    "ReplayPreview": _obj(["count", "sample"], count=_INT, sample={"type": "array"}),
+    "ReplayJob": _obj(
+        ["id", "status", "total", "processed"],
+        id=_STR,
+        status=_STR,
+        to=_OPT_STR,
+        rate={"type": "number"},
+        total=_INT,
+        processed=_INT,
+        published=_INT,
+        skipped=_INT,
+        succeeded=_INT,
+        failed=_INT,
+        error=_OPT_STR,
+        createdAt=_STR,
+        updatedAt=_STR,
+    ),
+    "ReplayStarted": _obj(["job"], job=_ref("ReplayJob")),
+    "ReplayJobList": _obj(["items"], items=_list("ReplayJob")),
+    "Purged": {
+        "oneOf": [
+            _obj(["purged"], purged=_INT),
+            _obj(["count"], count=_INT),
+        ]
+    },
+    "WebhookAccepted": _obj(["accepted"], accepted=_INT),
+    "Health": _obj(["status"], status={"const": "ok"}),
+    "Readiness": _obj(
+        ["status", "checks"],
+        status={"enum": ["ready", "not ready"]},
+        checks={"type": "object", "additionalProperties": _STR},
+    ),
+}
+
+
+def components() -> dict[str, Schema]:
+    """Every component schema: the fixed ones, then one document and spec per resource kind."""
+    schemas = dict(_FIXED)
+    for kind in Kind:
+        spec, defs = _spec(kind)
+        schemas.update(defs)
+        schemas[f"{kind.value}Spec"] = spec
+        schemas[f"{kind.value}Document"] = _document(kind, _ref(f"{kind.value}Spec"))
+    return schemas
