@@ -52,6 +52,7 @@ log = structlog.get_logger(__name__)
 _DEPTH_INTERVAL = 2.0
 _CLOSE_TIMEOUT = 5.0
 _RETENTION_EVERY = 300.0
+_STREAM_CHECK_INTERVAL = 2.0
 _RETENTION_LOCK = 0x6576656E74687562  # "eventhub"
 
 
@@ -135,13 +136,13 @@ class Hub:
         self.services = services
         self.metrics = Metrics()
         self.store = ResourceStore(services.pool, settings.namespace)
-        self.router = Router(self.store)
+        self.router = Router(self.store, self.metrics)
         self.queue = InvocationQueue(services.nc, settings)
         self.state = InvocationState(services.redis, settings.namespace, settings.state_ttl)
         self.dead_letters = DeadLetterStore(services.pool)
         self.replays = ReplayJobs(services.pool, self.dead_letters)
         self.ingress = Ingress(self.router, self.queue, self.state, self.metrics)
-        self.callbacks = Callbacks(services.http)
+        self.callbacks = Callbacks(settings.callback_allow)
         self.dispatcher = Dispatcher(
             router=self.router,
             queue=self.queue,
@@ -180,6 +181,7 @@ class Hub:
         await self.queue.ensure_stream()
         await self.router.reload()
         self._own(self.state.run())
+        self._own(self._keep_stream())
         self._own(self.router.run(self.settings.database_url.get_secret_value()))
         if Role.DISPATCH in self.roles:
             await self.dispatcher.start()
@@ -227,6 +229,7 @@ class Hub:
                 "postgres": self._check_postgres,
                 "nats": self._check_nats,
                 "redis": self._check_redis,
+                "jetstream": self._check_jetstream,
             },
         )
         runner = web.AppRunner(
@@ -300,6 +303,27 @@ class Hub:
         if not self.services.nc.is_connected:
             raise ConnectionError("not connected")
         await self.queue.js.account_info()
+
+    async def _check_jetstream(self) -> None:
+        """Red while the stream, or a consumer this process pulls, is missing."""
+        count = await self.queue.consumer_count()
+        if Role.DISPATCH in self.roles and count < self.dispatcher.consumers_wanted():
+            raise ConnectionError("JetStream consumers are missing")
+
+    async def _keep_stream(self) -> None:
+        """NATS may come back without its data: the stream and consumers are created again."""
+        while True:
+            await asyncio.sleep(_STREAM_CHECK_INTERVAL)
+            try:
+                if await self.queue.restore_stream():
+                    log.warning("stream_recreated", stream=self.queue.stream)
+                if Role.DISPATCH in self.roles:
+                    count = await self.queue.consumer_count()
+                    if count < self.dispatcher.consumers_wanted():
+                        await self.dispatcher.restore_consumers()
+                        log.warning("consumers_recreated", stream=self.queue.stream)
+            except Exception as exc:  # NATS away: the next round tries again
+                log.debug("stream_check_failed", error=str(exc) or repr(exc))
 
     async def _check_redis(self) -> None:
         await self.services.redis.ping()

@@ -72,6 +72,8 @@ async def run_dev(
             "port": port,
             "tokens": {SecretStr(token): list(Scope)},
         }
+        if "callback_allow" not in explicit:  # everything runs on this machine
+            update["callback_allow"] = ("127.0.0.0/8", "::1")
         for field, url in (
             ("nats_url", urls.nats_url),
             ("database_url", urls.database_url),

@@ -18,11 +18,22 @@ redelivered         (not on an ordered lane) not called: stored in the retry sch
 final failure       dead letter committed to PostgreSQL (and the dead-letter function's
                     invocation to JetStream), then ``ack``
 cancelled/shutdown  ``nak()`` without delay: handed back for another process now
+dependency down     not called, no attempt spent: see below
 hub killed          nothing: JetStream redelivers after ``ack_wait``
 ==================  ====================================================================
 
 The attempt number is the attempts an earlier message of the invocation made (``Eh-Attempts``)
 plus JetStream's delivery count of this one, so a delivery cut short by a crash counts.
+
+An outage of Redis or PostgreSQL never spends an attempt (a ``nak`` would: the next delivery
+counts one more). Under a ``rateLimit`` whose slot Redis cannot book, the message is kept
+(``in_progress``) and the booking tried again with backoff; no call is made meanwhile. When
+PostgreSQL cannot answer the dead-letter check, or cannot store what an attempt decided (the
+dead letter, a replay's or a dead-letter delivery's result), the message is handed back through
+the retry schedule, due in a few seconds, with ``Eh-Attempts`` the calls really made; if the
+outcome was decided already, ``Eh-Settled`` carries it (``succeeded`` or the dead-letter reason)
+so that the next delivery only writes it down, without a call. On an ordered lane the message
+waits in place instead, keeping its key's order.
 
 While a call runs longer than a third of ``ack_wait``, ``in_progress`` keeps the message ours.
 """
@@ -31,10 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -67,6 +81,7 @@ from eventhub.settings import Settings
 from eventhub.state import AttemptRecord, InvocationState
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 # An idle pull request costs a heartbeat message every _PULL_HEARTBEAT s and a new request
 # every _PULL_EXPIRES s, per consumer: long ones keep a hub of 1,000 functions idle. A request
 # lost in a reconnect is replaced within seconds all the same (see Puller.next).
@@ -75,6 +90,15 @@ _RUNNING_AFTER = 0.05
 _PULL_HEARTBEAT = 30.0
 _CONSUMER_SETUPS = 32
 _RESCHEDULE_LATER = 5.0  # seconds before a redelivery tries the retry schedule again
+_OUTAGE_DELAY = 5.0  # seconds before an invocation handed back for an outage is tried again
+_OUTAGE_BACKOFF = (0.5, 5.0)  # waiting in place for a dependency: first and longest pause
+_DEPENDENCY_TIMEOUT = 10.0  # a Redis or PostgreSQL step taking longer counts as an outage
+H_SETTLED = "Eh-Settled"  # an outcome decided, waiting to be written down: see above
+SUCCEEDED = "succeeded"
+
+
+class _HandedBack(Exception):
+    """The message went back through the retry schedule (or ``nak``): nothing more to do."""
 
 
 class Dispatcher:
@@ -161,6 +185,17 @@ class Dispatcher:
                 for lane in range(self._deps.settings.ordered_lanes):
                     wanted[(name, lane)] = spec
         return wanted
+
+    def consumers_wanted(self) -> int:
+        """The consumers this process pulls: one per worker, and the retry schedule's."""
+        return len(self._workers) + 1
+
+    async def restore_consumers(self) -> None:
+        """Create again every consumer this process pulls, and the stream first if it is gone
+        (NATS came back without its data). The pull loops would, after their backoff."""
+        async with self._sync_lock:
+            await self._deps.queue.ensure_retry_consumer()
+            await self._ensure_consumers([(key, w.spec) for key, w in self._workers.items()])
 
     async def stop(self, grace: float) -> None:
         """Stop fetching, let in-flight calls finish within ``grace`` s, hand back the rest."""
@@ -286,22 +321,88 @@ class FunctionWorker:
                 break
             taken += 1
             if self.spec.rate_limit is not None:
-                await self._wait_for_slot(msg)
+                try:
+                    await self._wait_for_slot(msg)
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(msg.nak())
+                    raise
             self._spawn(msg)
         return taken
 
     async def _wait_for_slot(self, msg: Msg) -> None:
         """Book the rate limit's next slot once a message is here (a slot booked before would
         be spent late, letting a burst through after an idle spell), keeping the message ours
-        while waiting."""
-        assert self.spec.rate_limit is not None  # noqa: S101 - checked by the caller
-        wait = await self._deps.limiter.reserve(self.name, self.spec.rate_limit)
+        while waiting. While Redis cannot book it, no call is made: the message is kept and
+        the booking tried again, so the outage spends no attempt."""
+        rate = self.spec.rate_limit
+        assert rate is not None  # noqa: S101 - checked by the caller
+        limiter = self._deps.limiter
+        wait = await self._until_up(msg, lambda: limiter.reserve(self.name, rate), "rate-limit")
+        await self._keep(msg, wait)
+
+    async def _keep(self, msg: Msg, seconds: float) -> None:
+        """Wait ``seconds``, telling JetStream every third of ``ack_wait`` that ``msg`` is
+        still being worked on."""
         step = self._deps.settings.ack_wait / 3
-        while wait > 0:
-            await asyncio.sleep(min(wait, step))
-            wait -= step
-            if wait > 0:
+        while seconds > 0:
+            await asyncio.sleep(min(seconds, step))
+            seconds -= step
+            if seconds > 0:
                 await msg.in_progress()
+
+    async def _until_up(self, msg: Msg, step: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """Run a Redis or PostgreSQL step; while it fails, keep ``msg`` and try again with
+        backoff. Nothing is handed back, so nothing counts as an attempt."""
+        pause = _OUTAGE_BACKOFF[0]
+        while True:
+            try:
+                async with asyncio.timeout(_DEPENDENCY_TIMEOUT):
+                    return await step()
+            except Exception as exc:  # Redis or PostgreSQL away: wait for it
+                log.warning(
+                    "dependency_unavailable", step=what, function=self.name, error=_said(exc)
+                )
+            await self._keep(msg, pause)
+            pause = min(pause * 2, _OUTAGE_BACKOFF[1])
+
+    async def _durable(
+        self,
+        msg: Msg,
+        step: Callable[[], Awaitable[_T]],
+        what: str,
+        *,
+        attempts: int,
+        settled: str | None = None,
+    ) -> _T:
+        """Run a PostgreSQL step of a delivery. Should it fail, the message is handed back
+        through the retry schedule with ``attempts`` (the calls really made) and ``settled``
+        (the outcome decided already, if any), and :class:`_HandedBack` is raised. On an
+        ordered lane the message waits in place instead, keeping its key's order."""
+        if self.lane is not None:
+            return await self._until_up(msg, step, what)
+        try:
+            async with asyncio.timeout(_DEPENDENCY_TIMEOUT):
+                return await step()
+        except Exception as exc:  # PostgreSQL away, or refusing: try again later
+            log.warning("dependency_unavailable", step=what, error=_said(exc), handed_back=True)
+            await self._hand_back(msg, attempts, settled)
+            raise _HandedBack from exc
+
+    async def _hand_back(self, msg: Msg, attempts: int, settled: str | None) -> None:
+        """Store the invocation's next message in the retry schedule, due in a few seconds,
+        with the attempts really made: an outage spends none. Should the schedule be
+        unavailable too, ``nak`` with a delay (that delivery then counts as an attempt)."""
+        delay = _OUTAGE_DELAY * (0.5 + self._rand.random())  # spread the returns
+        due_ms = int((time.time() + delay) * 1000)
+        extra = {H_SETTLED: settled} if settled else None
+        try:
+            await self._deps.queue.schedule_retry(msg, self.name, due_ms, attempts, extra)
+        except (QueueFull, DependencyDown) as exc:
+            log.warning("retry_schedule_unavailable", error=str(exc))
+            await msg.nak(delay=delay)
+            return
+        await msg.ack()
 
     async def _wait_for_room(self) -> int:
         while len(self._in_flight) >= self.limit:
@@ -355,6 +456,8 @@ class FunctionWorker:
         )
         try:
             await self._attempt(msg, invocation, attempt, age, enqueued)
+        except _HandedBack:
+            return  # back in the retry schedule, said where it happened
         except asyncio.CancelledError:
             # Not done: hand the message back at once instead of waiting for ack_wait.
             with contextlib.suppress(Exception):
@@ -364,15 +467,19 @@ class FunctionWorker:
     async def _attempt(
         self, msg: Msg, invocation: Invocation, attempt: int, age: float, enqueued: datetime
     ) -> None:
-        spec, deps = self.spec, self._deps
-        if attempt > 1 and await self._already_dead(msg, invocation, spec):
+        spec = self.spec
+        if attempt > 1 and await self._already_dead(msg, invocation, spec, attempt):
             return
         if self.lane is None and msg.metadata.num_delivered > 1:
             await self._reschedule(msg, attempt)
             return
+        settled = (msg.headers or {}).get(H_SETTLED)
+        if settled:
+            await self._write_down(msg, invocation, spec, settled, attempt - 1, enqueued)
+            return
         if expired(age, spec.max_event_age) or attempt > spec.retry.max_attempts:
             reason = EXPIRED if expired(age, spec.max_event_age) else EXHAUSTED
-            await self._give_up(msg, invocation, spec, reason, None, enqueued)
+            await self._give_up(msg, invocation, spec, reason, None, enqueued, attempt - 1)
             return
         started_at = now_rfc3339()
         outcome = await self._call(msg, invocation, spec, attempt)
@@ -387,25 +494,72 @@ class FunctionWorker:
             rand=self._rand.random,
         )
         if isinstance(decision, Ack):
-            if invocation.dead_letter_id:
-                await deps.sink.dead_letter_function_done(invocation.dead_letter_id, True, None)
-            if invocation.replay_of:
-                await deps.sink.replay_finished(
-                    invocation.replay_of, True, [record.to_json()], None
-                )
-                deps.metrics.replays.labels("succeeded").inc()
-            await msg.ack()
-            self._succeeded.inc()
-            await deps.state.finished(invocation.id, self.name, "succeeded", record)
-            deps.callbacks.send(invocation, "succeeded", outcome)
+            await self._succeed(msg, invocation, record, outcome, attempt)
         elif isinstance(decision, Retry):
-            await deps.state.finished(invocation.id, self.name, "retrying", record)
+            await self._deps.state.finished(invocation.id, self.name, "retrying", record)
             await self._retry(msg, attempt, decision.delay)
             self._retries.inc()
             self._retried.inc()
             log.info("invocation_retrying", code=outcome.code, delay=round(decision.delay, 3))
         elif isinstance(decision, DeadLetter):
-            await self._give_up(msg, invocation, spec, decision.reason, record, enqueued)
+            await self._give_up(msg, invocation, spec, decision.reason, record, enqueued, attempt)
+
+    async def _write_down(
+        self,
+        msg: Msg,
+        invocation: Invocation,
+        spec: FunctionSpec,
+        settled: str,
+        attempts: int,
+        enqueued: datetime,
+    ) -> None:
+        """An outcome decided before PostgreSQL went away: written down now, without a call.
+        Its last attempt was recorded in the invocation state when it was handed back."""
+        history = await self._deps.state.attempts(invocation.id)
+        last = AttemptRecord.from_json(history[-1]) if history else None
+        if settled == SUCCEEDED:
+            outcome = Outcome(status=last.status, error=last.error) if last else Outcome(200)
+            await self._succeed(msg, invocation, last, outcome, attempts, recorded=True)
+        else:
+            await self._give_up(msg, invocation, spec, settled, last, enqueued, attempts, True)
+
+    async def _succeed(
+        self,
+        msg: Msg,
+        invocation: Invocation,
+        record: AttemptRecord | None,
+        outcome: Outcome,
+        attempts: int,
+        recorded: bool = False,
+    ) -> None:
+        deps = self._deps
+        if invocation.dead_letter_id or invocation.replay_of:
+            if record is not None and not recorded:  # kept, should PostgreSQL be away
+                await deps.state.attempted(invocation.id, self.name, record)
+                recorded = True
+            await self._durable(
+                msg,
+                lambda: self._record_success(invocation, record),
+                "success",
+                attempts=attempts,
+                settled=SUCCEEDED,
+            )
+        await msg.ack()
+        self._succeeded.inc()
+        if recorded:
+            await deps.state.settled(invocation.id, self.name, "succeeded")
+        elif record is not None:
+            await deps.state.finished(invocation.id, self.name, "succeeded", record)
+        deps.callbacks.send(invocation, "succeeded", outcome)
+
+    async def _record_success(self, invocation: Invocation, record: AttemptRecord | None) -> None:
+        deps = self._deps
+        if invocation.dead_letter_id:
+            await deps.sink.dead_letter_function_done(invocation.dead_letter_id, True, None)
+        if invocation.replay_of:
+            history = [record.to_json()] if record else []
+            await deps.sink.replay_finished(invocation.replay_of, True, history, None)
+            deps.metrics.replays.labels("succeeded").inc()
 
     async def _retry(self, msg: Msg, attempt: int, delay: float) -> None:
         """Wait for the next attempt in the retry schedule, which holds no slot; on an ordered
@@ -483,12 +637,22 @@ class FunctionWorker:
             await msg.nak(delay=5.0)
             raise
 
-    async def _already_dead(self, msg: Msg, invocation: Invocation, spec: FunctionSpec) -> bool:
+    async def _already_dead(
+        self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int
+    ) -> bool:
         """A redelivery of an invocation whose dead letter is stored (the ack was lost, or the
-        dead-letter function's publish failed): never invoke it again, only finish the job."""
+        dead-letter function's publish failed): never invoke it again, only finish the job.
+        While PostgreSQL cannot say, the message is handed back (see :meth:`_durable`)."""
         if invocation.dead_letter_id or invocation.replay_of:
             return False
-        found = await self._deps.sink.find(dead_letter_id(invocation.id))
+        sink = self._deps.sink
+        found = await self._durable(
+            msg,
+            lambda: sink.find(dead_letter_id(invocation.id)),
+            "dead-letter check",
+            attempts=attempt - 1,
+            settled=(msg.headers or {}).get(H_SETTLED),
+        )
         if found is None:
             return False
         record, dlf_status = found
@@ -505,28 +669,37 @@ class FunctionWorker:
         reason: str,
         last: AttemptRecord | None,
         enqueued: datetime,
+        attempts: int,
+        recorded: bool = False,
     ) -> None:
+        """Store the dead letter, then ack. ``attempts``: the calls made so far; ``recorded``:
+        ``last`` is in the invocation state already (an outcome written down late)."""
         deps = self._deps
+        if last is not None and not recorded:  # kept, should PostgreSQL be away
+            await deps.state.attempted(invocation.id, self.name, last)
+        durably = functools.partial(self._durable, msg, attempts=attempts, settled=reason)
         if invocation.dead_letter_id:
             # A delivery to a dead-letter function failed: recorded on its dead letter, no more.
             error = f"{reason}: {last.error or last.status}" if last else reason
-            await deps.sink.dead_letter_function_done(invocation.dead_letter_id, False, error)
+            dl = invocation.dead_letter_id
+            await durably(lambda: deps.sink.dead_letter_function_done(dl, False, error), "failure")
             await msg.ack()
             deps.metrics.invocations.labels(self.name, "failed").inc()
-            if last is not None:
-                await deps.state.finished(invocation.id, self.name, "failed", last)
+            await deps.state.settled(invocation.id, self.name, "failed")
             return
         history = await deps.state.attempts(invocation.id)
-        if last is not None:
+        if last is not None and last.to_json() not in history:
             history.append(last.to_json())
+        failure = (_error_code(last, reason), _error_message(last, reason))
         if invocation.replay_of:
             # A replay that failed: its attempts go to the dead letter it replayed, no new row.
-            failure = (_error_code(last, reason), _error_message(last, reason))
-            await deps.sink.replay_finished(invocation.replay_of, False, history, failure)
+            replayed = invocation.replay_of
+            await durably(
+                lambda: deps.sink.replay_finished(replayed, False, history, failure), "replay"
+            )
             await msg.ack()
             deps.metrics.replays.labels("failed").inc()
-            if last is not None:
-                await deps.state.finished(invocation.id, self.name, "dead-lettered", last)
+            await deps.state.settled(invocation.id, self.name, "dead-lettered")
             return
         dl_id = dead_letter_id(invocation.id)
         record = DeadLetterRecord(
@@ -536,28 +709,29 @@ class FunctionWorker:
             binding=invocation.binding,
             event=invocation.event,
             reason=reason,
-            error_code=_error_code(last, reason),
-            error_message=_error_message(last, reason),
+            error_code=failure[0],
+            error_message=failure[1],
             attempts=history,
             enqueued_at=enqueued,
             failed_at=datetime.now(UTC),
             dead_letter_function=spec.dead_letter.function if spec.dead_letter else None,
         )
-        await deps.sink.store(record)
+        await durably(lambda: deps.sink.store(record), "dead letter")
         if record.dead_letter_function:
             await self._to_dead_letter_function(msg, record, spec, invocation)
         await msg.ack()
         deps.metrics.dead_letters.labels(self.name, reason).inc()
         deps.metrics.invocations.labels(self.name, "dead_lettered").inc()
         log.warning("invocation_dead_lettered", reason=reason, dead_letter_id=dl_id)
-        if last is not None:
-            await deps.state.finished(
-                invocation.id, self.name, "dead-lettered", last, deadLetterId=dl_id
-            )
+        await deps.state.settled(invocation.id, self.name, "dead-lettered", deadLetterId=dl_id)
         last_outcome = (
             Outcome(status=last.status, error=last.error) if last else Outcome(error=reason)
         )
         deps.callbacks.send(invocation, "dead-lettered", last_outcome)
+
+
+def _said(exc: BaseException) -> str:
+    return str(exc) or repr(exc)
 
 
 def _error_code(last: AttemptRecord | None, reason: str) -> str:

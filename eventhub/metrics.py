@@ -91,6 +91,12 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.invalid_resources = Gauge(
+            "eventhub_invalid_resources",
+            "Stored resources that do not validate, and that routing skips, by kind",
+            ["kind"],
+            registry=r,
+        )
         self.http_rejected = Counter(
             "eventhub_http_rejected",
             "Requests refused, by HTTP status",

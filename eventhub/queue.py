@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
+from eventhub import sizes
 from eventhub.errors import DependencyDown
 from eventhub.invocations import (
     H_ATTEMPTS,
@@ -42,6 +43,7 @@ from eventhub.invocations import (
 )
 from eventhub.pubacks import PubAcks, settle
 from eventhub.settings import Settings
+from eventhub.sizes import RETRY_RESERVE
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +52,8 @@ _FETCH_WAITING = 512
 # timer, no traffic): a request lost in a reconnect is replaced within this many seconds.
 _RECONNECT_CHECK = 5.0
 _PUBLISH_TIMEOUT = 5.0  # seconds for a PubAck (the JetStreamContext's request timeout)
+# A message to publish: subject, data, headers, and the event's id (for an error message).
+_Outgoing = tuple[str, bytes, dict[str, str], str | None]
 
 
 class InvocationQueue:
@@ -137,9 +141,36 @@ class InvocationQueue:
             max_waiting=_FETCH_WAITING,
         )
         try:
-            await self._js.add_consumer(self.stream, config)
+            try:
+                await self._js.add_consumer(self.stream, config)
+            except nats.js.errors.NotFoundError:
+                # NATS came back without its data: the stream first, then the consumer.
+                await self.ensure_stream()
+                await self._js.add_consumer(self.stream, config)
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise DependencyDown(f"JetStream consumer setup failed for {what}: {exc}") from exc
+
+    async def restore_stream(self) -> bool:
+        """Create the stream again if it is gone (NATS restarted without its data, or the
+        stream was deleted); True when it had to. Raises DependencyDown if NATS is away."""
+        try:
+            await self._js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            await self.ensure_stream()
+            return True
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise DependencyDown(f"JetStream is unavailable: {type(exc).__name__}") from exc
+        return False
+
+    async def consumer_count(self) -> int:
+        """How many consumers the stream has; raises DependencyDown when it is missing."""
+        try:
+            info = await self._js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError as exc:
+            raise DependencyDown(f"JetStream stream {self.stream} is missing") from exc
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise DependencyDown(f"JetStream is unavailable: {type(exc).__name__}") from exc
+        return int(info.state.consumer_count)
 
     async def puller(self, function: str, lane: int | None = None) -> Puller:
         return await self._open_puller(self._consumer(function, lane))
@@ -152,12 +183,20 @@ class InvocationQueue:
         await puller.open()
         return puller
 
-    async def schedule_retry(self, msg: Msg, function: str, due_ms: int, attempts: int) -> None:
+    async def schedule_retry(
+        self,
+        msg: Msg,
+        function: str,
+        due_ms: int,
+        attempts: int,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         """Store the next attempt of the invocation ``msg`` carries in the retry schedule,
         durably (PubAck), so that ``msg`` can then be acked. Its id derives from ``msg``'s
         stream sequence: a redelivery of ``msg`` (a crash before its ack) schedules nothing
-        twice."""
+        twice. ``extra`` headers are set on the stored message."""
         headers = _successor_headers(msg)
+        headers.update(extra or {})
         headers[H_ATTEMPTS] = str(attempts)
         headers.setdefault(H_ENQUEUED, str(int(msg.metadata.timestamp.timestamp() * 1000)))
         headers[H_DUE] = str(due_ms)
@@ -201,13 +240,18 @@ class InvocationQueue:
             "retrying": sum((waiting.state.subjects or {}).values()),
         }
 
-    async def publish(self, invocation: Invocation) -> bool:
-        """Store one invocation durably; False when JetStream saw it already (duplicate)."""
+    async def publish(self, invocation: Invocation, *, reserve: int = RETRY_RESERVE) -> bool:
+        """Store one invocation durably; False when JetStream saw it already (duplicate).
+        Raises MessageTooLarge, sending nothing, unless it fits with ``reserve`` bytes to spare
+        (see :mod:`eventhub.sizes`)."""
+        return bool(await self._publish_many([self._message(invocation)], reserve))
+
+    def _message(self, invocation: Invocation) -> _Outgoing:
         if invocation.held:
             subject = self._settings.held_subject_for(invocation.binding or "")
         else:
             subject = self._subject(invocation.function, invocation.ordering_key)
-        return await self._publish(subject, invocation.event.data, invocation.headers())
+        return subject, invocation.event.data, invocation.headers(), invocation.event.id
 
     def _subject(self, function: str, ordering_key: str | None) -> str:
         if ordering_key is None:
@@ -216,45 +260,55 @@ class InvocationQueue:
         return self._settings.ordered_subject_for(function, lane)
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> bool:
-        return bool(await self._publish_many([(subject, data, headers)]))
+        """A message that replaces one already stored: its reserve is there to be used."""
+        return bool(await self._publish_many([(subject, data, headers, None)], 0))
 
-    async def _publish_many(self, messages: Iterable[tuple[str, bytes, dict[str, str]]]) -> int:
+    async def _publish_many(self, messages: Sequence[_Outgoing], reserve: int | None) -> int:
         """Send every message at once, then wait for their PubAcks together (one deadline);
         returns how many were new. Raises the first failure once every PubAck came back or the
-        time is up, so a caller never answers before JetStream did."""
+        time is up, so a caller never answers before JetStream did. Unless ``reserve`` is None
+        (checked already), raises MessageTooLarge before sending anything if one of them does
+        not fit in the server's max_payload less ``reserve``: the server would close the
+        connection."""
+        if reserve is not None:
+            self.check_sizes(messages, reserve)
         sent: list[tuple[str, asyncio.Future[bytes]]] = []
         try:
-            for subject, data, headers in messages:
+            for subject, data, headers, _ in messages:
                 sent.append(await self._pubacks.send(subject, data, headers))
         except nats.errors.Error as exc:
             self._pubacks.forget(token for token, _ in sent)
             raise DependencyDown(f"JetStream is unavailable: {type(exc).__name__}") from exc
         return await settle(self._pubacks, sent, _PUBLISH_TIMEOUT)
 
-    async def publish_all(self, invocations: Sequence[Invocation]) -> int:
+    def check_sizes(self, messages: Iterable[_Outgoing], reserve: int) -> None:
+        """Raise MessageTooLarge for the first message that does not fit with ``reserve``."""
+        sizes.check(((h, d, e) for _, d, h, e in messages), self._nc.max_payload, reserve)
+
+    async def publish_all(
+        self, invocations: Sequence[Invocation], *, reserve: int = RETRY_RESERVE
+    ) -> int:
         """Publish concurrently; returns how many were new. Invocations of ordered bindings are
         published one after another, in the order given, so that the stream keeps their order;
         the others are pipelined: every message is sent at once and their PubAcks are awaited
         together (see :mod:`eventhub.pubacks`). Raises the first failure once every PubAck came
-        back or timed out, so a caller never answers before JetStream did."""
+        back or timed out, so a caller never answers before JetStream did. Raises
+        MessageTooLarge, sending none of them, if one does not fit with ``reserve``."""
+        messages = [self._message(i) for i in invocations]
+        self.check_sizes(messages, reserve)
         if len(invocations) == 1:
-            return int(await self.publish(invocations[0]))
-        ordered = [i for i in invocations if i.ordering_key is not None]
+            return await self._publish_many(messages, None)
+        ordered = [
+            m for m, i in zip(messages, invocations, strict=True) if i.ordering_key is not None
+        ]
 
         async def in_order() -> int:
-            return sum([int(await self.publish(i)) for i in ordered])
+            return sum([await self._publish_many([m], None) for m in ordered])
 
         async def pipelined() -> int:
             return await self._publish_many(
-                (
-                    self._settings.held_subject_for(i.binding or "")
-                    if i.held
-                    else self._settings.subject_for(i.function),
-                    i.event.data,
-                    i.headers(),
-                )
-                for i in invocations
-                if i.ordering_key is None
+                [m for m, i in zip(messages, invocations, strict=True) if i.ordering_key is None],
+                None,
             )
 
         if not ordered:

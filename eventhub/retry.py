@@ -3,7 +3,8 @@
 ``decide`` returns one of :class:`Ack` (the function succeeded), :class:`Retry` (ask JetStream to
 redeliver after ``delay`` seconds) or :class:`DeadLetter` (give up: store the dead letter, then
 ack). Retryable outcomes: connection errors, timeouts, 408, 429 and 5xx. Every other status below
-200 or from 300 on is final at once. The attempt number is JetStream's delivery count, so a
+200 or from 300 on is final at once, and so is a request that could not be sent at all
+(``invalid-request``). The attempt number is JetStream's delivery count, so a
 delivery interrupted by a crash counts as an attempt. Delays grow exponentially
 (``initialDelay * multiplier^(attempt-1)``, capped at ``maxDelay``), lose up to ``jitter`` of
 their length at random, and never go below a ``Retry-After`` the function sent. An event whose
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from eventhub.resources import RetrySpec
 
 RETRYABLE_STATUS = frozenset({408, 429})
+FINAL_ERRORS = frozenset({"invalid-request"})  # the same request would fail the same way
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,7 @@ class Outcome:
     @property
     def retryable(self) -> bool:
         if self.status is None:
-            return True
+            return self.error not in FINAL_ERRORS
         return self.status in RETRYABLE_STATUS or self.status >= 500
 
     @property

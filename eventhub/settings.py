@@ -8,25 +8,28 @@ is passed down; nothing else reads ``os.environ``.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
+from eventhub import yamlload
 from eventhub.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 _NAMESPACE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_CALLBACK_HOST = re.compile(r"^(\*\.)?[\w-]+(\.[\w-]+)*\.?$", re.ASCII)
 
 
 class Scope(StrEnum):
@@ -43,7 +46,10 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         super().__init__(settings_cls)
         self._data: dict[str, Any] = {}
         if path:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            try:
+                loaded = yamlload.load(Path(path).read_text(encoding="utf-8")) or {}
+            except yamlload.DuplicateKey as exc:  # a key set twice: refused, not "last wins"
+                raise ValueError(f"{path}: {exc}") from None
             if not isinstance(loaded, dict):
                 raise ValueError(f"{path}: the settings file must be a mapping of names to values")
             self._data = {str(k).replace("-", "_").lower(): v for k, v in loaded.items()}
@@ -73,6 +79,9 @@ class Settings(BaseSettings):
     max_body_size: Size = 1024 * 1024
     # The token `eventhub dev` grants every scope (a random one when unset).
     dev_token: SecretStr | None = None
+    # Where X-Callback-Url may point besides public addresses: IP networks or host names
+    # ("*.svc.cluster.local"); a list, or comma-separated in EVENTHUB_CALLBACK_ALLOW.
+    callback_allow: Annotated[tuple[str, ...], NoDecode] = ()
 
     # JetStream buffer.
     stream_max_bytes: Size = 1024**3
@@ -101,6 +110,16 @@ class Settings(BaseSettings):
         if not _NAMESPACE.match(value):
             raise ValueError("must be lowercase letters, digits and '_', starting with a letter")
         return value
+
+    @field_validator("callback_allow", mode="before")
+    @classmethod
+    def _check_callback_allow(cls, value: Any) -> tuple[str, ...]:
+        entries = value.split(",") if isinstance(value, str) else list(value or ())
+        allow = tuple(str(e).strip() for e in entries if str(e).strip())
+        for entry in allow:
+            if not _is_network(entry) and not _CALLBACK_HOST.match(entry):
+                raise ValueError(f"'{entry}' is neither an IP network nor a host name")
+        return allow
 
     @field_validator("log_format")
     @classmethod
@@ -156,6 +175,14 @@ class Settings(BaseSettings):
 
     def consumer_for(self, function: str) -> str:
         return f"fn-{function}"
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _constant_time_equal(a: str, b: str) -> bool:

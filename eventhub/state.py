@@ -48,6 +48,19 @@ class AttemptRecord:
             response=outcome.response_excerpt,
         )
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> AttemptRecord:
+        """The inverse of :meth:`to_json` (a record read back from Redis)."""
+        return cls(
+            attempt=int(doc.get("attempt") or 0),
+            started_at=str(doc.get("startedAt") or ""),
+            latency_ms=float(doc.get("latencyMs") or 0.0),
+            status=doc.get("status"),
+            error=doc.get("error"),
+            message=str(doc.get("message") or ""),
+            response=str(doc.get("response") or ""),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "attempt": self.attempt,
@@ -116,11 +129,14 @@ class InvocationState:
         self._applied = 0  # writes applied (or failed and logged) so far
         self._progress = asyncio.Condition()
 
-    async def queued(self, ids: list[tuple[str, str]]) -> None:
-        """Mark (invocation id, function) pairs queued, unless dispatch already moved them on."""
+    async def queued(self, ids: list[tuple[str, str]], owner: str | None = None) -> None:
+        """Mark (invocation id, function) pairs queued, unless dispatch already moved them on;
+        ``owner`` (the id of the token that asked) is kept in the hash's ``owner`` field."""
         now = now_rfc3339()
         for inv_id, function in ids:
             nx = ["status", "queued", "createdAt", now, "function", function, "updatedAt", now]
+            if owner:
+                nx += ["owner", owner]
             await self._put(inv_id, _Write(nx, [], []))
 
     def running(self, inv_id: str, function: str, attempt: int) -> None:
@@ -128,14 +144,26 @@ class InvocationState:
         always = ["status", "running", "function", function, "attempts", str(attempt)]
         self._put_nowait(inv_id, _Write(["createdAt", now], [*always, "updatedAt", now], []))
 
+    async def attempted(self, inv_id: str, function: str, record: AttemptRecord) -> None:
+        """Record an attempt whose outcome is decided but not yet settled (its dead letter or
+        success could not be written while PostgreSQL was away): the status stays as it is."""
+        await self.finished(inv_id, function, "", record)
+
+    async def settled(self, inv_id: str, function: str, status: str, **extra: str) -> None:
+        """Set the final status of an invocation whose last attempt is recorded already."""
+        fields = ["function", function, "status", status, "updatedAt", now_rfc3339()]
+        for name, value in extra.items():
+            fields += [name, value]
+        await self._put(inv_id, _Write([], fields, []))
+
     async def finished(
         self, inv_id: str, function: str, status: str, record: AttemptRecord, **extra: str
     ) -> None:
+        """Record an attempt and set the status (an empty ``status`` leaves it as it is)."""
         fields = [
             "function",
             function,
-            "status",
-            status,
+            *(["status", status] if status else []),
             "attempts",
             str(record.attempt),
             "lastStatus",

@@ -140,7 +140,7 @@ mutant() {  # mutant FLAG CONFIG EXPECTED-PROPERTY
 }
 MUTANTS="BUG_ACK_BEFORE_PUBLISH:B:p1_ack_order BUG_ACK_BEFORE_DL:B:p1_ack_order
          BUG_NO_DL_CHECK:B:p2_no_call_after_dl BUG_NO_DEDUP:B:p2_budget
-         BUG_CALL_REDELIVERY:C:p2_budget"
+         BUG_CALL_REDELIVERY:C:p2_budget BUG_OUTAGE_LOSES_ATTEMPT:A:p2_budget"
 # builds two at a time; BUG_CALL_REDELIVERY is the design before FunctionWorker._reschedule
 # (a redelivery is called): its P2 counterexample needs 3 attempts and 2 faults, hence C
 set -- $MUTANTS

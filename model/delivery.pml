@@ -72,6 +72,7 @@ byte inv[MAXMSG];           /* invocation id                                    
 byte hdr[MAXMSG];           /* header Eh-Attempts                                           */
 byte nd[MAXMSG];            /* num_delivered                                                */
 bool due[MAXMSG];           /* retry message: Eh-Due has passed                             */
+bool vd[MAXMSG];            /* header Eh-Settled: a dead letter decided, not yet stored     */
 bool seen[NKEYS];           /* Nats-Msg-Ids stored (dedup window: assumed never to expire)  */
 byte nmsg = 0;              /* next stream sequence                                         */
 byte fn_pending = 0;        /* fn-<f>: delivered and not acked (max_ack_pending accounting) */
@@ -116,13 +117,13 @@ bool progress_while_waiting = false; /* an invocation succeeded while another's 
 #else
 #define DUP(key) seen[key]
 #endif
-inline js_publish(kk, ss, ii, aa, dd) {
+inline js_publish(kk, ss, ii, aa, dd, vv) {
   if
   :: DUP(kk) -> skip                                  /* duplicate: PubAck, not stored */
   :: !DUP(kk) ->
      assert(nmsg < MAXMSG);
      st[nmsg] = AVAIL; subj[nmsg] = ss; inv[nmsg] = ii; hdr[nmsg] = aa;
-     nd[nmsg] = 0; due[nmsg] = dd; seen[kk] = true;
+     nd[nmsg] = 0; due[nmsg] = dd; vd[nmsg] = vv; seen[kk] = true;
      retries_waiting = retries_waiting + (ss == S_RETRY -> 1 : 0);
      nmsg++
   fi
@@ -191,13 +192,16 @@ inline js_ack(m) {
   :: subj[m] == S_RETRY  -> retries_waiting--
   fi;
   /* gone from the work queue: forget its fields (fewer states; seen[] keeps the msg id) */
-  st[m] = ACKED; subj[m] = 0; inv[m] = 0; hdr[m] = 0; nd[m] = 0; due[m] = false
+  st[m] = ACKED; subj[m] = 0; inv[m] = 0; hdr[m] = 0; nd[m] = 0; due[m] = false; vd[m] = false
 }
 
 /* a fault (crash, failed publish) may happen while the budget lasts.
  * NB: no option below starts with an `if` that has an `else`: Spin merges such an `if` into
  * the enclosing choice, and its `else` would then be disabled whenever a crash is possible. */
 #define CRASH (faults < MAXFAULTS) -> faults++
+/* PostgreSQL cannot answer (dispatcher.py: FunctionWorker._durable): drawn from the same
+ * budget, but it is no crash: it never adds to slack[] (an outage spends no attempt). */
+#define OUTAGE (faults < MAXFAULTS) -> faults++
 /* a dispatcher dies holding m: JetStream redelivers m after ack_wait; memory is lost.
  * It is a "crash that interrupted a delivery" of invocation i: the P2 budget grows by one
  * (-DBUDGET_STRICT: it does not, i.e. calls <= maxAttempts). */
@@ -239,7 +243,7 @@ proctype Producer(byte i) {
    * and a resend of the same id is dropped by JetStream (Nats-Msg-Id = invocation id): both
    * only use up the fault budget, so they are left out. */
   atomic {
-    js_publish(i, S_INVOKE, i, 0, false); stored[i] = true;
+    js_publish(i, S_INVOKE, i, 0, false, false); stored[i] = true;
     if
     :: CRASH                                 /* no PubAck: the producer was not answered */
     :: accepted[i] = true                    /* HTTP 202 / the connector acks its transport */
@@ -286,15 +290,22 @@ end_idle:
     if
 #ifndef BUG_NO_DL_CHECK
     :: att > 1 && dl[i] -> js_ack(m); goto restart                    /* _already_dead */
+    :: att > 1 && OUTAGE ->                 /* the check cannot be made: _hand_back, due later, */
+#ifndef BUG_OUTAGE_LOSES_ATTEMPT                /* with the calls made so far: no call */
+       js_publish(NINV + m, S_RETRY, i, att - 1, false, vd[m]); goto ack_retry
+#else                                           /* mutation: one call made is forgotten */
+       js_publish(NINV + m, S_RETRY, i, att - 2, false, vd[m]); goto ack_retry
+#endif
 #endif
     :: NOT_DEAD && !FIRST_DLV ->                                      /* _reschedule */
        if
        :: D_CRASH                                       /* died before the publish */
        :: CRASH; st[m] = LOOSE; goto restart            /* publish failed: nak(5 s) */
-       :: js_publish(NINV + m, S_RETRY, i, att - 1, true); goto ack_retry
+       :: js_publish(NINV + m, S_RETRY, i, att - 1, true, vd[m]); goto ack_retry
        fi
-    :: NOT_DEAD && FIRST_DLV && att > MAXATT -> goto give_up          /* exhausted */
-    :: NOT_DEAD && FIRST_DLV && att <= MAXATT -> skip                 /* call */
+    :: NOT_DEAD && FIRST_DLV && vd[m] -> att--; goto give_up          /* Eh-Settled: no call */
+    :: NOT_DEAD && FIRST_DLV && !vd[m] && att > MAXATT -> att--; goto give_up /* exhausted */
+    :: NOT_DEAD && FIRST_DLV && !vd[m] && att <= MAXATT -> skip        /* call */
     fi
   };
 
@@ -339,7 +350,7 @@ end_idle:
           if
           :: CRASH; st[m] = LOOSE;                      /* publish failed: msg.nak(delay) */
              goto restart
-          :: js_publish(NINV + m, S_RETRY, i, att, false); /* retry.<f>, Eh-Attempts = attempt, */
+          :: js_publish(NINV + m, S_RETRY, i, att, false, false); /* retry.<f>, Eh-Attempts, */
              goto ack_retry                             /* Eh-Due, Nats-Msg-Id = <id>/s<seq m> */
           fi
 #endif
@@ -347,16 +358,22 @@ end_idle:
 #ifdef BUG_ACK_BEFORE_DL                                /* no attempt left: DeadLetter        */
           bad_ack = bad_ack || !dl[i]; assert(!bad_ack); js_ack(m); goto store_late
 #else
-          store_dl(i); goto ack_dead                    /* _give_up: sink.store, committed */
+          if
+          :: store_dl(i); goto ack_dead                 /* _give_up: sink.store, committed */
+          :: OUTAGE; js_publish(NINV + m, S_RETRY, i, att, false, true); /* PostgreSQL away: */
+             goto ack_retry                             /* _hand_back with Eh-Settled */
+          fi
 #endif
        fi
      }
   fi;
 
-give_up:                                                /* attempt > maxAttempts: no call */
-  if
+give_up:                         /* attempt > maxAttempts, or Eh-Settled: no call; att is */
+  if                                /* now the calls made before this delivery               */
   :: D_CRASH
   :: atomic { store_dl(i) }; goto ack_dead              /* _give_up: sink.store */
+  :: atomic { OUTAGE; js_publish(NINV + m, S_RETRY, i, att, false, true) };
+     goto ack_retry                                     /* PostgreSQL away: _hand_back */
   fi;
 
 ack_retry:                                              /* only after the retry's PubAck */
@@ -375,7 +392,7 @@ ack_dead:                                               /* only after the dead l
 publish_late:                                           /* mutation: m is acked already */
   if
   :: atomic { CRASH; slack[i]++ }; goto restart
-  :: atomic { js_publish(NINV + m, S_RETRY, i, att, false) }; goto restart
+  :: atomic { js_publish(NINV + m, S_RETRY, i, att, false, false) }; goto restart
   fi;
 #endif
 #ifdef BUG_ACK_BEFORE_DL
@@ -407,7 +424,7 @@ end_idle:
   /* publish invoke.<f>: Eh-Attempts unchanged, Nats-Msg-Id = "<id>/s<stream seq of r>" */
   if
   :: P_CRASH                                            /* crash, or publish failed -> nak */
-  :: atomic { js_publish(NINV + m, S_INVOKE, inv[m], hdr[m], false) }
+  :: atomic { js_publish(NINV + m, S_INVOKE, inv[m], hdr[m], false, vd[m]) }
   fi;
   if                                                    /* ack r only after the PubAck */
   :: P_CRASH

@@ -29,7 +29,12 @@ async def readyz(request: web.Request) -> web.Response:
         except Exception as exc:  # a failed check is an answer, not an error
             results[name] = f"failed: {type(exc).__name__}"
     ready = all(v == "ok" for v in results.values())
-    body = {"status": "ready" if ready else "not ready", "checks": results}
+    body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": results}
+    # Reported, yet still ready: every other resource routes, and every process sees the same rows.
+    if invalid := request.app[CONTEXT].router.invalid:
+        body["invalidResources"] = [
+            {"kind": r.kind.value, "name": r.name, "error": r.error} for r in invalid
+        ]
     return web.Response(
         status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json"
     )

@@ -49,7 +49,8 @@ async def test_every_v1_route_needs_a_token(hub: RunningHub) -> None:
 async def test_readyz_checks_each_dependency(hub: RunningHub) -> None:
     async with hub.http.get(f"{hub.base_url}/readyz") as response:
         body = await response.json()
-    assert body == {"status": "ready", "checks": {"postgres": "ok", "nats": "ok", "redis": "ok"}}
+    checks = {"postgres": "ok", "nats": "ok", "redis": "ok", "jetstream": "ok"}
+    assert body == {"status": "ready", "checks": checks}
 
 
 async def test_resource_crud_and_validation(hub: RunningHub, function: FunctionServer) -> None:
