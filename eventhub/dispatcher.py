@@ -56,7 +56,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from eventhub.callbacks import Callbacks
-from eventhub.errors import DependencyDown, QueueFull
+from eventhub.errors import DependencyDown, MessageTooLarge, QueueFull
 from eventhub.events import now_rfc3339
 from eventhub.invocations import H_ATTEMPTS, H_ENQUEUED, Invocation, to_dead_letter_function
 from eventhub.invoker import Invoker
@@ -632,6 +632,16 @@ class FunctionWorker:
                     tracestate=invocation.tracestate,
                 )
             )
+        except MessageTooLarge as exc:
+            # It can never fit (a very long URL): recorded on the stored dead letter, no retry.
+            log.warning("dead_letter_function_too_large", dead_letter_id=record.id)
+            try:
+                await self._deps.sink.dead_letter_function_done(
+                    record.id, False, f"too-large: {exc}"
+                )
+            except Exception:
+                await msg.nak(delay=5.0)  # PostgreSQL away: the redelivery records it
+                raise
         except Exception:
             # The dead letter is stored; the message stays ours so the delivery is retried.
             await msg.nak(delay=5.0)

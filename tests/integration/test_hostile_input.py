@@ -348,3 +348,38 @@ async def test_postgres_or_redis_down_gets_503_with_retry_after(settings: Settin
     finally:
         await pg.stop()
         await rd.stop()
+
+
+async def test_a_dead_letter_function_delivery_that_cannot_fit_is_recorded_not_retried(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    # The delivery to a dead-letter function names the failed function's URL in an extension:
+    # with a URL longer than the ingress reserve and an event near the limit, it cannot fit.
+    function.respond("fn", 400)
+    long_url = function.url("fn") + "?pad=" + "a" * (INGRESS_RESERVE + 1024)
+    await hub.function("dl", function.url("dl"))
+    await hub.function("fn", long_url, retry={"maxAttempts": 1}, deadLetter={"function": "dl"})
+    await hub.wait_routed("fn")
+    assert hub.hub is not None
+    body = b"x" * (hub.hub.services.nc.max_payload - INGRESS_RESERVE - 2048)
+    status, _, doc = await request(
+        hub, "POST", "/v1/functions/fn/invocations", body, **{"Content-Type": "text/plain"}
+    )
+    assert status == 202, doc
+
+    async def recorded() -> dict[str, Any]:
+        while True:
+            letters = await hub.dead_letters(function="fn")
+            if letters and letters[0]["deadLetterFunction"]["status"] != "pending":
+                return letters[0]
+            await asyncio.sleep(0.2)
+
+    letter = await asyncio.wait_for(recorded(), 30)
+    assert letter["deadLetterFunction"]["status"] == "failed"
+    assert letter["deadLetterFunction"]["error"].startswith("too-large")
+    await asyncio.sleep(1.0)  # nothing comes back: the message was acknowledged
+    (again,) = await hub.dead_letters(function="fn")  # the function's server refused the URL
+    assert (
+        len(again["attempts"]) == 1 and again["deadLetterFunction"] == letter["deadLetterFunction"]
+    )
+    assert function.calls_to("dl") == []
