@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractResource
 
 from eventhub import __version__
-from eventhub.api.context import SCOPE_ATTR
+from eventhub.api.context import ALSO_ATTR, SCOPE_ATTR
 from eventhub.api.openapi_ops import OPERATIONS, PATH_PARAMS, Op, Schema
 from eventhub.api.openapi_schemas import components
 from eventhub.resources import Kind
@@ -128,9 +128,10 @@ def _operation(
             "required": op.body_required,
             "content": _content(op.body, fixed),
         }
-    if scope is not None:
-        operation["security"] = [{"token": [scope.value]}]
-        operation["x-scopes"] = [scope.value]
+    if scope is not None:  # any one of the scopes will do: alternatives, in OpenAPI terms
+        scopes = [scope.value, *sorted(s.value for s in getattr(handler, ALSO_ATTR, ()))]
+        operation["security"] = [{"token": [s]} for s in scopes]
+        operation["x-scopes"] = scopes
     elif op.security is not None:
         operation["security"] = [{op.security: []}]
     else:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from eventhub.api.context import SCOPE_ATTR
+from eventhub.api.context import ALSO_ATTR, SCOPE_ATTR
 from tests.support import FunctionServer, RunningHub
 
 PROBLEM = "application/problem+json"
@@ -96,14 +96,16 @@ async def test_every_operation_declares_its_scope_body_and_problems(hub: Running
     for method, path, op in _operations(doc):
         where = f"{method} {path}"
         assert not op.get("x-undescribed"), f"{where} has no description in openapi_ops"
-        scope = getattr(_route_of(app, method, path).handler, SCOPE_ATTR, None)
+        handler = _route_of(app, method, path).handler
+        scope = getattr(handler, SCOPE_ATTR, None)
         responses = op["responses"]
         if scope is None:
             assert op.get("x-scopes") is None, where
             assert op["security"] in ([], [{"sourceToken": []}]), where
         else:
-            assert op["x-scopes"] == [scope.value], where
-            assert op["security"] == [{"token": [scope.value]}], where
+            scopes = [scope.value, *sorted(s.value for s in getattr(handler, ALSO_ATTR, ()))]
+            assert op["x-scopes"] == scopes, where
+            assert op["security"] == [{"token": [s]} for s in scopes], where
             assert {"401", "403"} <= set(responses), where
         if method in ("PUT", "POST") and path.rsplit("/", 1)[-1] not in BODILESS:
             assert "requestBody" in op, where
