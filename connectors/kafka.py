@@ -45,9 +45,12 @@ CloudEvents Kafka protocol binding, for ``format: auto`` (the rules are in
   ``datacontenttype`` = the ``content-type`` header, extensions ``topic``, ``partition``,
   ``offset``. A null value (tombstone) is empty data.
 
-A record that cannot become an event (a ``ce_`` or ``content-type`` header that is not UTF-8, a
-timestamp past the year 9999, such as one in microseconds, a bad charset, an invalid binary or
-structured CloudEvent, any error of the conversion) is rejected (:func:`record_events`).
+A record that cannot become an event (a header name, or a ``ce_`` or ``content-type`` header,
+that is not UTF-8, a timestamp past the year 9999, such as one in microseconds, a bad charset, an
+invalid binary or structured CloudEvent, any error of the conversion) is rejected
+(:func:`record_events`). Header names are read leniently (:mod:`connectors.kafkawire`): aiokafka
+alone fails the whole fetch on a name that is not UTF-8, and every consumer would fetch the same
+offset again, forever.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from connectors import kafkawire
 from connectors.common import Message, Rejected, convert, ssl_context, to_events
 from eventhub.events import Event
 from eventhub.ports import Connector
@@ -99,6 +103,7 @@ class KafkaConnector:
         self._session: _Session | None = None
 
     async def run(self, ctx: SourceContext) -> None:
+        kafkawire.install()  # before anything is fetched: an odd header name must not wedge
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.spec.bootstrap_servers,
             group_id=self.group_id,
@@ -361,6 +366,9 @@ def _events(record: Any, spec: KafkaSpec) -> list[Event]:
 
 def to_message(record: Any) -> Message:
     """A Kafka record as :func:`connectors.common.to_events` sees it (see the module docs)."""
+    unreadable = kafkawire.unreadable(record.headers or ())
+    if unreadable is not None:
+        raise Rejected(unreadable)
     ce: dict[str, str] = {}
     content_type = None
     for name, raw in record.headers or ():

@@ -14,6 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.producer import message_accumulator
+from aiokafka.producer import producer as producer_module
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
 from connectors.kafka import KafkaConnector
 from eventhub.sources import SourceContext
@@ -202,6 +206,66 @@ async def test_a_timestamp_in_microseconds_becomes_a_dead_letter_and_the_next_fl
     assert str(micros) in letter["errorMessage"]
     await wait_until_committed(kafka, group=f"eventhub-{source}", topic=topic, offsets=[2])
     assert len(function.calls_to("fn")) == 1
+
+
+class RawName(str):
+    """A header name that goes on the wire as ``raw``, which need not be UTF-8: aiokafka's
+    pure-Python record builder writes a name as ``name.encode("utf-8")``."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> RawName:
+        name = super().__new__(cls, raw.decode("latin-1"))
+        name.raw = raw
+        return name
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+
+@pytest.fixture
+def raw_header_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Producers of this test build records in Python, so that a :class:`RawName` is written
+    as its bytes (the C builder refuses a name that is not UTF-8). Consumers are untouched."""
+    monkeypatch.setattr(
+        message_accumulator, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy
+    )
+    monkeypatch.setattr(producer_module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+
+
+@pytest.mark.usefixtures("raw_header_names")
+async def test_a_header_name_that_is_not_utf8_becomes_a_dead_letter_and_the_next_flows(
+    kafka: TansuBroker, hub: RunningHub, function: FunctionServer
+) -> None:
+    topic = unique("rawname")
+    await kafka.create_topic(topic)
+    await hub.function("fn", function.url("fn"))
+    source = await kafka_source(hub, kafka, topic, "fn")
+    bad = [(RawName(b"\xff\xfeid"), b"v")]
+    good = [("content-type", b"text/plain")]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, compression_type="gzip")
+    await producer.start()
+    try:
+        # Batches of one record: the bad one alone fails its batch.
+        for i, headers in enumerate([good, bad, good]):
+            await producer.send_and_wait(topic, f"m{i}".encode(), headers=headers)
+        # One batch, compressed: good records before and after the bad one in the same batch.
+        batch = producer.create_batch()
+        for i, headers in enumerate([good, bad, good], start=3):
+            batch.append(key=None, value=f"m{i}".encode(), timestamp=None, headers=headers)
+        await (await producer.send_batch(batch, topic, partition=0))
+    finally:
+        await producer.stop()
+    ids = {f"{topic}/0/{i}" for i in (0, 2, 3, 5)}
+    seen = await wait_ids(function, "fn", ids, wait=30)
+    letters = await hub.wait_dead_letters(2, source=source)
+    assert {d["event"]["id"] for d in letters} == {f"{topic}/0/1", f"{topic}/0/4"}
+    assert {d["errorCode"] for d in letters} == {"invalid-header"}
+    assert all("\\udcff\\udcfeid" in d["errorMessage"] for d in letters), letters
+    await wait_until_committed(kafka, group=f"eventhub-{source}", topic=topic, offsets=[6])
+    calls = function.calls_to("fn")
+    assert seen == Counter(dict.fromkeys(ids, 1)), "each good record exactly once"
+    assert sorted(c.body for c in calls) == [b"m0", b"m2", b"m3", b"m5"]
 
 
 async def wait_until_committed(

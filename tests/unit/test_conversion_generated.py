@@ -117,6 +117,8 @@ def checked(convert: Callable[[], list[Event]]) -> list[Event] | Rejected:
 KAFKA_HEADER_NAMES = st.one_of(
     st.sampled_from([f"ce_{a}" for a in CE_ATTRIBUTES] + ["content-type", "Content-Type"]),
     st.text(max_size=10),
+    # as connectors.kafkawire hands over a name that is not UTF-8: its bytes as surrogate escapes
+    st.binary(max_size=6).map(lambda b: b.decode("utf-8", "surrogateescape")),
 )
 KAFKA_HEADER_VALUES = st.one_of(
     st.none(),
@@ -168,6 +170,15 @@ def test_a_kafka_timestamp_in_microseconds_is_rejected_naming_it() -> None:
     record = ConsumerRecord("t", 0, 7, 1_714_564_800_000_000, 0, None, b"{}", None, -1, -1, [])  # type: ignore[arg-type]
     spec = KafkaSpec(type="kafka", bootstrap_servers=["k:9092"], topics=["t"])  # type: ignore[arg-type]
     with pytest.raises(Rejected, match=r"^invalid-time: timestamp 1714564800000000 "):
+        record_events(record, spec)
+
+
+def test_a_kafka_header_name_that_is_not_utf8_is_rejected_naming_it() -> None:
+    headers = [("ce_specversion", b"1.0"), ("ce_\udcff", b"x")]
+    record = ConsumerRecord("t", 0, 7, None, 0, None, b"{}", None, -1, -1, headers)  # type: ignore[arg-type]
+    spec = KafkaSpec(type="kafka", bootstrap_servers=["k:9092"], topics=["t"])  # type: ignore[arg-type]
+    expected = r"^invalid-header: the header name 'ce_\\udcff' is not UTF-8$"
+    with pytest.raises(Rejected, match=expected):
         record_events(record, spec)
 
 
