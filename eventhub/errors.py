@@ -73,10 +73,19 @@ class PayloadTooLarge(InvalidInput):
 class MessageTooLarge(PayloadTooLarge):
     """An invocation (event data and every header, as NATS counts them) above ``limit`` bytes:
     refused before anything is published, so no input can make the server close the NATS
-    connection. ``event_id`` names the event at fault, when there is one."""
+    connection. ``event_id`` names the event at fault, when there is one; ``field`` is
+    ``body`` for the whole message, ``headers`` when the header block alone is too large."""
 
-    def __init__(self, detail: str, *, size: int, limit: int, event_id: str | None = None) -> None:
-        super().__init__(detail, problems=(FieldProblem("body", f"must fit in {limit} bytes"),))
+    def __init__(
+        self,
+        detail: str,
+        *,
+        size: int,
+        limit: int,
+        event_id: str | None = None,
+        field: str = "body",
+    ) -> None:
+        super().__init__(detail, problems=(FieldProblem(field, f"must fit in {limit} bytes"),))
         self.size = size
         self.limit = limit
         self.event_id = event_id

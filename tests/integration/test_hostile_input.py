@@ -383,3 +383,30 @@ async def test_a_dead_letter_function_delivery_that_cannot_fit_is_recorded_not_r
         len(again["attempts"]) == 1 and again["deadLetterFunction"] == letter["deadLetterFunction"]
     )
     assert function.calls_to("dl") == []
+
+
+async def test_attributes_too_large_for_jetstream_headers_get_413_and_large_ones_retry(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    # JetStream stores at most 64 KiB of headers, whatever max_payload allows.
+    function.respond("fn", 503)  # the first call fails: the retry must fit as well
+    await hub.function("fn", function.url("fn"), retry={"initialDelay": "50ms"})
+    await hub.bind("all-to-fn", "fn")
+    await hub.wait_routed("fn")
+    structured = {"Content-Type": "application/cloudevents+json"}
+
+    def event(event_id: str, ext: int) -> bytes:
+        doc = {"specversion": "1.0", "id": event_id, "source": "/t", "type": "com.example.t"}
+        return orjson.dumps({**doc, "bigext": "e" * ext})
+
+    status, _, doc = await request(hub, "POST", "/v1/events", event("big", 65100), **structured)
+    assert status == 413, doc
+    assert doc["errors"][0]["field"] == "headers" and "NATS headers" in doc["detail"]
+    binary = {f"ce-ext{i}": "e" * 8000 for i in range(10)}
+    status, _, doc = await request(hub, "POST", "/v1/events", b"{}", **binary_event("b", **binary))
+    assert status == 413, doc
+    near = {f"ce-ext{i}": "e" * 8000 for i in range(7)}  # 56,000 bytes: fits, retries too
+    status, _, doc = await request(hub, "POST", "/v1/events", b"{}", **binary_event("ok", **near))
+    assert status == 202, doc
+    calls = await function.wait_for(2, "fn")
+    assert [len(c.headers["ce-ext6"]) for c in calls] == [8000, 8000]

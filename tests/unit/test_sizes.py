@@ -16,7 +16,13 @@ from eventhub.events import Event
 from eventhub.invocations import Invocation
 from eventhub.invoker import INVALID_REQUEST, excerpt_text
 from eventhub.retry import Outcome
-from eventhub.sizes import INGRESS_RESERVE, check, header_bytes, message_bytes
+from eventhub.sizes import (
+    INGRESS_RESERVE,
+    JETSTREAM_MAX_HEADERS,
+    check,
+    header_bytes,
+    message_bytes,
+)
 
 
 async def _hpub_sizes(headers: dict[str, str], data: bytes) -> tuple[int, int]:
@@ -104,3 +110,15 @@ def test_diagnostic_text_is_storable() -> None:
     stored = _json(attempts)
     assert "\\u0000" not in stored
     assert orjson.loads(stored) == [{"response": "\ufffdbin", "nested": ["\ufffd"], "n": 1}]
+
+
+def test_check_holds_headers_to_what_jetstream_stores() -> None:
+    # JetStream refuses a header block over 64 KiB, even in a message far below max_payload.
+    fits = {"ce-big": "x" * (JETSTREAM_MAX_HEADERS - INGRESS_RESERVE - 100)}
+    check([(fits, b"", "e-1")], 1024 * 1024, INGRESS_RESERVE)
+    big = {"ce-big": "x" * (JETSTREAM_MAX_HEADERS - INGRESS_RESERVE)}
+    with pytest.raises(MessageTooLarge) as raised:
+        check([(big, b"", "e-2")], 1024 * 1024, INGRESS_RESERVE)
+    assert raised.value.limit == JETSTREAM_MAX_HEADERS - INGRESS_RESERVE
+    assert raised.value.problems[0].field == "headers"
+    assert "NATS headers" in raised.value.detail
