@@ -246,6 +246,9 @@ def load_path(path: Path) -> list[Resource]:
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise _invalid(str(file), "file", file.name, "", exc.strerror or str(exc)) from None
+        except UnicodeDecodeError as exc:
+            where = f"is not UTF-8 text (byte {exc.start})"
+            raise _invalid(str(file), "file", file.name, "", where) from None
         resources.extend(parse_text(text, str(file)))
     return resources
 

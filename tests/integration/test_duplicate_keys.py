@@ -84,3 +84,15 @@ async def test_a_resource_put_as_yaml_with_a_duplicate_key_is_400(hub: RunningHu
     assert "spec.url" in problem["detail"]
     async with hub.http.get(f"{hub.base_url}/v1/functions/f1", headers=hub.auth()) as response:
         assert response.status == 404  # nothing was stored
+
+
+async def test_apply_of_a_file_that_is_not_utf8_is_one_line(
+    settings: Settings, tmp_path: Path
+) -> None:
+    file = tmp_path / "binary.yaml"
+    file.write_bytes(b"kind: Function\n\xff\xfe garbage")
+    result = await asyncio.to_thread(eventhub, settings, "apply", "-f", str(file))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"eventhub: {file}: file 'binary.yaml': is not UTF-8 text (byte 15)"
+    ]
