@@ -29,6 +29,7 @@ from eventhub.errors import (
     FieldProblem,
     Forbidden,
     InvalidInput,
+    NotFound,
     PayloadTooLarge,
     Unauthorized,
     Unavailable,
@@ -75,6 +76,7 @@ def problem(error: EventhubError) -> web.Response:
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         _check_headers(request)
+        _check_parameters(request)
         return await handler(request)
     except EventhubError as exc:
         request.app[CONTEXT].metrics.http_rejected.labels(str(exc.status)).inc()
@@ -94,7 +96,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except _REDIS_DOWN as exc:
         return _dependency_down(request, "Redis", exc)
     except OSError as exc:  # a connection refused or reset below a client library
-        return _dependency_down(request, "a dependency", exc)
+        return _dependency_down(request, _raised_in(exc), exc)
     except Exception:
         # Logged once, here; the client learns nothing of the internals.
         log.exception("request_failed", method=request.method, path=request.path)
@@ -103,8 +105,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _check_headers(request: web.Request) -> None:
     """aiohttp hands bytes that are not UTF-8 on as lone surrogates, which nothing downstream
-    can encode: name the header instead."""
-    for name, value in request.headers.items():
+    can encode: name the header instead. (ASCII, the usual case, is one check for them all.)"""
+    headers = request.headers
+    if "".join(headers.values()).isascii():
+        return
+    for name, value in headers.items():
         if not value.isascii():
             try:
                 value.encode("utf-8")
@@ -113,6 +118,32 @@ def _check_headers(request: web.Request) -> None:
                     f"the {name} header is not UTF-8 text",
                     problems=(FieldProblem(name, "is not UTF-8 text"),),
                 ) from None
+
+
+def _check_parameters(request: web.Request) -> None:
+    """A NUL can be in no name and no stored value (PostgreSQL refuses it in text): a path
+    parameter holding one names nothing there is, a query parameter is the caller's to fix."""
+    if "\x00" in request.path:
+        raise NotFound(f"nothing is at {request.path!r}")
+    for name, value in request.query.items():
+        if "\x00" in value:
+            raise InvalidInput(
+                f"the query parameter {name} holds a NUL character",
+                problems=(FieldProblem(name, "must not hold a NUL character"),),
+            )
+
+
+def _raised_in(exc: BaseException) -> str:
+    """Which client library a bare connection error came from, by its traceback."""
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.startswith("asyncpg"):
+            return "PostgreSQL"
+        if module.startswith("redis"):
+            return "Redis"
+        tb = tb.tb_next
+    return "a dependency"
 
 
 def _dependency_down(request: web.Request, what: str, exc: Exception) -> web.Response:

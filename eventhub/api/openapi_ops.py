@@ -181,10 +181,16 @@ OPERATIONS: dict[Callable[..., Any], Op] = {
         "Resume a {Kind}", "resources", {200: {_JSON: "Resource"}}, (404, 503)
     ),
     resources.source_status: Op(
-        "A Source's connector state", "resources", {200: {_JSON: "SourceStatus"}}, (404, 503)
+        "A Source's connector state",
+        "resources",
+        {200: {_JSON: "SourceStatus"}},
+        (404, 409, 503),  # 409: the stored Source no longer validates
     ),
     resources.function_status: Op(
-        "A Function's backlog", "resources", {200: {_JSON: "FunctionStatus"}}, (404, 503)
+        "A Function's backlog",
+        "resources",
+        {200: {_JSON: "FunctionStatus"}},
+        (404, 409, 503),  # 409: the stored Function no longer validates
     ),
     webhooks.post_webhook: Op(
         "MinIO webhook notification target",

@@ -336,7 +336,11 @@ async def test_postgres_or_redis_down_gets_503_with_retry_after(settings: Settin
             assert status == 200
             await pg.stop()
             await rd.stop()
-            for path in (f"/v1/invocations/{uuid.uuid4()}", "/v1/dead-letters", "/v1/functions"):
+            for path, named in (
+                (f"/v1/invocations/{uuid.uuid4()}", "Redis"),
+                ("/v1/dead-letters", "PostgreSQL"),
+                ("/v1/functions", "PostgreSQL"),
+            ):
                 deadline = time.monotonic() + 20
                 status, headers, problem = await request(hub, "GET", path)
                 while status == 200 and time.monotonic() < deadline:  # a cached answer
@@ -345,6 +349,7 @@ async def test_postgres_or_redis_down_gets_503_with_retry_after(settings: Settin
                 assert status == 503, (path, status, problem)
                 assert int(headers["Retry-After"]) > 0
                 assert problem["title"] == "Dependency unavailable", problem
+                assert problem["detail"].startswith(f"{named} is unavailable"), problem
     finally:
         await pg.stop()
         await rd.stop()
@@ -410,3 +415,13 @@ async def test_attributes_too_large_for_jetstream_headers_get_413_and_large_ones
     assert status == 202, doc
     calls = await function.wait_for(2, "fn")
     assert [len(c.headers["ce-ext6"]) for c in calls] == [8000, 8000]
+
+
+async def test_a_nul_in_a_path_or_query_parameter_is_404_or_400_naming_it(
+    hub: RunningHub,
+) -> None:
+    status, _, doc = await request(hub, "GET", "/v1/functions/%00")
+    assert status == 404, doc
+    status, _, doc = await request(hub, "GET", "/v1/dead-letters?function=%00")
+    assert status == 400, doc
+    assert doc["errors"] == [{"field": "function", "message": "must not hold a NUL character"}]
