@@ -408,6 +408,11 @@ async def keep_pulling(
                     continue
                 raise ConnectionError("the pull request was refused")
         except Exception as exc:  # NATS, Redis (rate limit) or anything: back off, go on
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # nats-py turns a pull cancelled on a closed connection into
+                # ConnectionClosedError: the cancellation still stands.
+                raise asyncio.CancelledError from exc
             failures += 1
             log.warning("pull_failed", error=str(exc) or repr(exc), **context)
             await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))

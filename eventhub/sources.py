@@ -335,6 +335,9 @@ class SourceRunner:
                 await self._connector.run(ctx)
                 raise ConnectionError("the connector stopped")
             except Exception as exc:  # any failure: restart, the transport redelivers
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # a client turned it into an error
+                    raise asyncio.CancelledError from exc
                 if time.monotonic() - started > _BACKOFF_MAX:
                     failures = 0  # it ran a good while: start the backoff over
                 failures += 1
