@@ -139,7 +139,7 @@ class CallbackPolicy:
         if any(a in n for a in candidates for n in self.networks if a.version == n.version):
             return None
         kind = address_kind(parsed)
-        return f"a {kind} address" if kind else None
+        return f"{_article(kind)} {kind} address" if kind else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -223,3 +223,7 @@ async def check(
     except (TimeoutError, OSError) as exc:
         raise Unavailable(f"{HEADER}: host {host} cannot be looked up now", retry_after=5) from exc
     return url
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"

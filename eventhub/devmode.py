@@ -70,7 +70,7 @@ async def run_dev(
     async with _embedded(data_dir, wanted) as urls:
         update: dict[str, object] = {
             "port": port,
-            "tokens": {SecretStr(token): list(Scope)},
+            "tokens": {**base.tokens, SecretStr(token): list(Scope)},
         }
         if "callback_allow" not in explicit:  # everything runs on this machine
             update["callback_allow"] = ("127.0.0.0/8", "::1")
