@@ -251,6 +251,19 @@ def settings_env(settings: Settings, port: int) -> dict[str, str]:
     return env
 
 
+def run_eventhub(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m eventhub *args`` with the environment of ``settings`` (and ``env`` on top),
+    to completion; its exit code is for the caller to check."""
+    return subprocess.run(
+        [sys.executable, "-m", "eventhub", *args],
+        env={**settings_env(settings, 0), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 class HubProcess:
     """``python -m eventhub run`` as a child process, to kill -9 and to run several at once."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import os
 import signal
@@ -33,9 +32,9 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from eventhub import embedded as embedded_module
 from eventhub.embedded import EmbeddedServices, EmbeddedUrls
 from eventhub.settings import Scope, Settings
+from tests.killable import Server, recorded_launches
 from tests.support import HubProcess, free_port
 
 pytestmark = [
@@ -55,81 +54,6 @@ DRAIN = 60.0  # at most this long for the backlog to reach the function at the e
 # Redis or PostgreSQL would still show as dead letters.
 RETRY = {"maxAttempts": 25, "initialDelay": "200ms", "maxDelay": "2s"}
 ROOT = Path(__file__).resolve().parents[2]
-
-
-# ------------------------------------------------------------------ servers killed with -9
-
-
-@dataclass
-class Server:
-    """A server started again exactly as it first ran (command, user, folder, log): its first
-    run is the embedded one."""
-
-    name: str
-    pid: int
-    argv: list[str]
-    cwd: Path
-    owner: tuple[int, int] | None  # (uid, gid) it runs as, when not ours
-    log: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    async def kill(self) -> None:
-        """kill -9 of the server and every process it started (PostgreSQL's backends too)."""
-        victims = [self.pid, *_descendants(self.pid)]
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.process is not None:
-            await asyncio.to_thread(self.process.wait, 10)
-
-        async def dead() -> bool:
-            return not any(_alive(pid) for pid in victims)
-
-        await _until(dead, 10, f"{self.name} survived kill -9")
-
-    def start(self) -> None:
-        uid, gid = self.owner or (None, None)
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.cwd,
-                user=uid,
-                group=gid,
-                extra_groups=None if self.owner is None else [],
-                start_new_session=True,
-            )
-        self.pid = self.process.pid
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            await self.kill()
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = entry.joinpath("stat").read_text()
-                children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Running, that is: a zombie holds no port, socket or shared memory any more."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # ------------------------------------------------------------------ the function, a child process
@@ -277,23 +201,11 @@ class Services:
 
 
 @pytest.fixture
-async def services(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Services]:
-    """The embedded servers, each as a :class:`Server`: how ``eventhub.embedded`` launched
-    each one is recorded on the way (the last launch of a name is the server: PostgreSQL's
-    initdb comes first)."""
-    launched = embedded_module._launch
-    servers: dict[str, Server] = {}
-
-    async def launch(
-        name: str, argv: list[str], log: Path, owner: tuple[int, int] | None = None, **more: Any
-    ) -> Any:
-        child = await launched(name, argv, log, owner, **more)
-        servers[name] = Server(name, child.process.pid, argv, log.parent, owner, log)
-        return child
-
-    monkeypatch.setattr(embedded_module, "_launch", launch)
+async def services() -> AsyncIterator[Services]:
+    """The embedded servers, each as a :class:`Server` that can be killed and started again."""
     embedded = EmbeddedServices()
-    urls = await embedded.start()
+    with recorded_launches() as servers:
+        urls = await embedded.start()
     try:
         yield Services(urls, servers)
     finally:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from eventhub.settings import Settings
-from tests.support import settings_env
+from tests.support import run_eventhub
 
 FUNCTION = """
 apiVersion: eventhub/v1
@@ -23,17 +21,6 @@ spec: {source: api, function: f1, filter: [{prefix: {type: com.}}]}
 """
 
 
-def eventhub(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "eventhub", *args],
-        env=settings_env(settings, 0),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_apply_is_idempotent_and_supports_dry_run_and_prune(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -41,30 +28,30 @@ def test_apply_is_idempotent_and_supports_dry_run_and_prune(
         FUNCTION.format(name="f1", timeout="5s") + "---" + FUNCTION.format(name="f2", timeout="5s")
     )
     (tmp_path / "bindings.yml").write_text(BINDING)
-    first = eventhub(settings, "apply", "-f", str(tmp_path))
+    first = run_eventhub(settings, "apply", "-f", str(tmp_path))
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
         "Function/f1 created",
         "Function/f2 created",
         "Binding/b created",
     ]
-    again = eventhub(settings, "apply", "-f", str(tmp_path))
+    again = run_eventhub(settings, "apply", "-f", str(tmp_path))
     assert "Function/f1 unchanged" in again.stdout and "created" not in again.stdout
 
     (tmp_path / "functions.yaml").write_text(FUNCTION.format(name="f1", timeout="9s"))
-    dry = eventhub(settings, "apply", "-f", str(tmp_path), "--prune", "--dry-run")
+    dry = run_eventhub(settings, "apply", "-f", str(tmp_path), "--prune", "--dry-run")
     assert "Function/f1 configured (dry run)" in dry.stdout
     assert "Function/f2 pruned (dry run)" in dry.stdout
-    listed = eventhub(settings, "get", "functions")
+    listed = run_eventhub(settings, "get", "functions")
     assert "f2" in listed.stdout  # the dry run changed nothing
 
-    pruned = eventhub(settings, "apply", "-f", str(tmp_path), "--prune")
+    pruned = run_eventhub(settings, "apply", "-f", str(tmp_path), "--prune")
     assert pruned.returncode == 0, pruned.stderr
     assert "Function/f2 pruned" in pruned.stdout
-    table = eventhub(settings, "get", "functions").stdout.splitlines()
+    table = run_eventhub(settings, "get", "functions").stdout.splitlines()
     assert table[0].split() == ["NAME", "URL", "CONCURRENCY", "RATE", "DEAD-LETTER"]
     assert [line.split()[0] for line in table[1:]] == ["f1"]
-    shown = eventhub(settings, "get", "functions", "f1", "-o", "yaml")
+    shown = run_eventhub(settings, "get", "functions", "f1", "-o", "yaml")
     assert "timeout: 9s" in shown.stdout
 
 
@@ -76,7 +63,7 @@ def test_invalid_resources_fail_with_one_line_naming_file_resource_field(
         "apiVersion: eventhub/v1\nkind: Function\nmetadata: {name: broken}\n"
         "spec: {url: 'http://x', retry: {maxAttempts: -1}}\n"
     )
-    result = eventhub(settings, "apply", "-f", str(bad))
+    result = run_eventhub(settings, "apply", "-f", str(bad))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
@@ -84,29 +71,20 @@ def test_invalid_resources_fail_with_one_line_naming_file_resource_field(
 
     dangling = tmp_path / "dangling.yaml"
     dangling.write_text(BINDING)
-    result = eventhub(settings, "apply", "-f", str(dangling))
+    result = run_eventhub(settings, "apply", "-f", str(dangling))
     assert result.returncode == 1
     assert "spec.function: Function 'f1' does not exist" in result.stderr
 
     (tmp_path / "syntax.yaml").write_text("kind: [unclosed\n")
-    result = eventhub(settings, "apply", "-f", str(tmp_path / "syntax.yaml"))
+    result = run_eventhub(settings, "apply", "-f", str(tmp_path / "syntax.yaml"))
     assert result.returncode == 1 and "not valid YAML at line" in result.stderr
 
-    missing = eventhub(settings, "apply", "-f", str(tmp_path / "nope.yaml"))
+    missing = run_eventhub(settings, "apply", "-f", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 1 and "no such file" in missing.stderr
 
 
 def test_bad_settings_fail_with_one_line(settings: Settings) -> None:
-    env = settings_env(settings, 0)
-    env["EVENTHUB_NAMESPACE"] = "Bad Name!"
-    result = subprocess.run(
-        [sys.executable, "-m", "eventhub", "get", "functions"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_eventhub(settings, "get", "functions", EVENTHUB_NAMESPACE="Bad Name!")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "EVENTHUB_NAMESPACE" in result.stderr
@@ -120,27 +98,27 @@ def test_pause_resume_and_status(settings: Settings, tmp_path: Path) -> None:
         + "---\n"
         + BINDING.replace("source: api", "source: tick")
     )
-    assert eventhub(settings, "apply", "-f", str(tmp_path)).returncode == 0
-    paused = eventhub(settings, "pause", "binding", "b")
+    assert run_eventhub(settings, "apply", "-f", str(tmp_path)).returncode == 0
+    paused = run_eventhub(settings, "pause", "binding", "b")
     assert paused.returncode == 0 and paused.stdout.strip() == "Binding/b paused"
-    assert "paused: true" in eventhub(settings, "get", "bindings", "b", "-o", "yaml").stdout
-    assert eventhub(settings, "resume", "binding", "b").stdout.strip() == "Binding/b resumed"
-    assert eventhub(settings, "pause", "source", "tick").stdout.strip() == "Source/tick paused"
-    status = eventhub(settings, "status", "tick")
+    assert "paused: true" in run_eventhub(settings, "get", "bindings", "b", "-o", "yaml").stdout
+    assert run_eventhub(settings, "resume", "binding", "b").stdout.strip() == "Binding/b resumed"
+    assert run_eventhub(settings, "pause", "source", "tick").stdout.strip() == "Source/tick paused"
+    status = run_eventhub(settings, "status", "tick")
     assert status.returncode == 0
     assert status.stdout.splitlines()[0] == "Source/tick type=cron paused=true"
-    missing = eventhub(settings, "pause", "source", "nope")
+    missing = run_eventhub(settings, "pause", "source", "nope")
     assert missing.returncode == 1 and "Source 'nope' does not exist" in missing.stderr
-    assert eventhub(settings, "status", "source", "tick").stdout == status.stdout
+    assert run_eventhub(settings, "status", "source", "tick").stdout == status.stdout
     # No hub has run, so JetStream has neither the stream nor the consumer: nothing waits.
-    backlog = eventhub(settings, "status", "function", "f1")
+    backlog = run_eventhub(settings, "status", "function", "f1")
     assert backlog.returncode == 0, backlog.stderr
     assert backlog.stdout.strip() == (
         "Function/f1 maxConcurrency=10 queued=0 in-flight=0 retrying=0"
     )
-    unknown = eventhub(settings, "status", "function", "nope")
+    unknown = run_eventhub(settings, "status", "function", "nope")
     assert unknown.returncode == 1 and "Function 'nope' does not exist" in unknown.stderr
-    wrong = eventhub(settings, "status", "binding", "b")
+    wrong = run_eventhub(settings, "status", "binding", "b")
     assert wrong.returncode == 2 and "usage: eventhub status" in wrong.stderr
 
 
@@ -154,7 +132,7 @@ def test_dlq_commands(settings: Settings, tmp_path: Path) -> None:
     from eventhub.ports import DeadLetterRecord, dead_letter_id
 
     (tmp_path / "f.yaml").write_text(FUNCTION.format(name="f1", timeout="5s"))
-    assert eventhub(settings, "apply", "-f", str(tmp_path)).returncode == 0
+    assert run_eventhub(settings, "apply", "-f", str(tmp_path)).returncode == 0
 
     async def seed() -> None:
         pool = await db.connect(settings.database_url.get_secret_value(), settings.namespace)
@@ -182,24 +160,24 @@ def test_dlq_commands(settings: Settings, tmp_path: Path) -> None:
             await pool.close()
 
     asyncio.run(seed())
-    listed = eventhub(settings, "dlq", "list")
+    listed = run_eventhub(settings, "dlq", "list")
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert lines[0].split()[:3] == ["ID", "FAILED", "AT"] and len(lines) == 4
     dl_id = lines[1].split()[0]
-    shown = eventhub(settings, "dlq", "show", dl_id)
+    shown = run_eventhub(settings, "dlq", "show", dl_id)
     assert "non-retryable: gone" in shown.stdout and "http-404" not in shown.stderr
     assert "404" in shown.stdout
-    stats = eventhub(settings, "dlq", "stats")
+    stats = run_eventhub(settings, "dlq", "stats")
     assert stats.stdout.splitlines()[0] == "3 dead letters (not resolved)"
-    dry = eventhub(settings, "dlq", "replay", "--function", "f1", "--dry-run")
+    dry = run_eventhub(settings, "dlq", "replay", "--function", "f1", "--dry-run")
     assert dry.stdout.startswith("3 dead letters would be replayed (dry run)")
-    created = eventhub(settings, "dlq", "replay", dl_id, "--rate", "10/s")
+    created = run_eventhub(settings, "dlq", "replay", dl_id, "--rate", "10/s")
     assert created.returncode == 0 and "1 dead letters at 10/s" in created.stdout
-    assert "pending" in eventhub(settings, "dlq", "jobs").stdout
-    refused = eventhub(settings, "dlq", "purge", "--function", "f1")
+    assert "pending" in run_eventhub(settings, "dlq", "jobs").stdout
+    refused = run_eventhub(settings, "dlq", "purge", "--function", "f1")
     assert refused.returncode == 1 and "confirm with --yes" in refused.stderr
-    purged = eventhub(settings, "dlq", "purge", "--function", "f1", "--yes")
+    purged = run_eventhub(settings, "dlq", "purge", "--function", "f1", "--yes")
     assert purged.stdout.strip() == "purged 2 dead letters"  # the one the job took stays
-    bad = eventhub(settings, "dlq", "replay", "--rate", "fast")
+    bad = run_eventhub(settings, "dlq", "replay", "--rate", "fast")
     assert bad.returncode == 1 and "--rate" in bad.stderr and "Traceback" not in bad.stderr

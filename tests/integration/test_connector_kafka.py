@@ -22,6 +22,7 @@ from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from connectors.kafka import KafkaConnector
 from eventhub.sources import SourceContext
 from tests.kafka_broker import BrokerUnavailable, TansuBroker, ce_headers
+from tests.kafka_records import RawName
 from tests.support import FunctionServer, HubProcess, RunningHub, client
 
 pytestmark = pytest.mark.slow  # starts a broker and hub processes
@@ -206,21 +207,6 @@ async def test_a_timestamp_in_microseconds_becomes_a_dead_letter_and_the_next_fl
     assert str(micros) in letter["errorMessage"]
     await wait_until_committed(kafka, group=f"eventhub-{source}", topic=topic, offsets=[2])
     assert len(function.calls_to("fn")) == 1
-
-
-class RawName(str):
-    """A header name that goes on the wire as ``raw``, which need not be UTF-8: aiokafka's
-    pure-Python record builder writes a name as ``name.encode("utf-8")``."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawName:
-        name = super().__new__(cls, raw.decode("latin-1"))
-        name.raw = raw
-        return name
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
 
 
 @pytest.fixture

@@ -4,12 +4,10 @@ and the key, instead of the last value silently winning."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 from eventhub.settings import Settings
-from tests.support import RunningHub, settings_env
+from tests.support import RunningHub, run_eventhub
 
 TWO_FUNCTIONS = """\
 apiVersion: eventhub/v1
@@ -27,30 +25,19 @@ spec:
 """
 
 
-def eventhub(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "eventhub", *args],
-        env={**settings_env(settings, 0), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 async def test_apply_refuses_a_duplicate_key_in_one_line(
     settings: Settings, tmp_path: Path
 ) -> None:
     file = tmp_path / "functions.yaml"
     file.write_text(TWO_FUNCTIONS)
-    result = await asyncio.to_thread(eventhub, settings, "apply", "-f", str(tmp_path))
+    result = await asyncio.to_thread(run_eventhub, settings, "apply", "-f", str(tmp_path))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         f"eventhub: {file} (document 2): Function 'f2':"
         " spec.url: duplicate key (set at lines 10 and 12)"
     ]
-    listed = await asyncio.to_thread(eventhub, settings, "get", "functions")
+    listed = await asyncio.to_thread(run_eventhub, settings, "get", "functions")
     assert listed.stdout.splitlines()[1:] == []  # nothing of the file was applied
 
 
@@ -60,7 +47,7 @@ async def test_a_settings_file_with_a_duplicate_key_is_refused(
     file = tmp_path / "settings.yaml"
     file.write_text("log_level: info\nport: 8081\nport: 8082\n")
     result = await asyncio.to_thread(
-        eventhub, settings, "get", "functions", EVENTHUB_SETTINGS_FILE=str(file)
+        run_eventhub, settings, "get", "functions", EVENTHUB_SETTINGS_FILE=str(file)
     )
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
@@ -91,7 +78,7 @@ async def test_apply_of_a_file_that_is_not_utf8_is_one_line(
 ) -> None:
     file = tmp_path / "binary.yaml"
     file.write_bytes(b"kind: Function\n\xff\xfe garbage")
-    result = await asyncio.to_thread(eventhub, settings, "apply", "-f", str(file))
+    result = await asyncio.to_thread(run_eventhub, settings, "apply", "-f", str(file))
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"eventhub: {file}: file 'binary.yaml': is not UTF-8 text (byte 15)"

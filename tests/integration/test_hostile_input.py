@@ -106,17 +106,26 @@ async def test_an_invocation_too_large_for_nats_gets_413_and_the_connection_stay
     assert f"larger than {MIB} bytes" in problem["detail"]
 
 
+async def amqp_source_to_fn(
+    broker: Broker, hub: RunningHub, function: FunctionServer, source: str, **spec: Any
+) -> tuple[str, str]:
+    """Function ``fn`` (with ``spec``) bound to a RabbitMQ source named ``source`` that reads a
+    new queue bound to a new exchange; returns (queue, exchange) once the source consumes."""
+    queue, exchange = broker.names()
+    declare = {"exchange": exchange, "routingKeys": ["#"], "durable": False}
+    await hub.function("fn", function.url("fn"), **spec)
+    await hub.put("sources", source, source_spec(queue, declare=declare))
+    await hub.bind(f"{source}-to-fn", "fn", source=source)
+    await broker.wait_counts(queue, consumers=1)
+    return queue, exchange
+
+
 async def test_a_connector_message_too_large_for_nats_becomes_a_source_dead_letter(
     amqp: Broker,  # noqa: F811 - the fixture
     hub: RunningHub,
     function: FunctionServer,
 ) -> None:
-    queue, exchange = amqp.names()
-    declare = {"exchange": exchange, "routingKeys": ["#"], "durable": False}
-    await hub.function("fn", function.url("fn"))
-    await hub.put("sources", "big", source_spec(queue, declare=declare))
-    await hub.bind("big-to-fn", "fn", source="big")
-    await amqp.wait_counts(queue, consumers=1)
+    queue, exchange = await amqp_source_to_fn(amqp, hub, function, "big")
     big = b"b" * (MIB - 300)  # below the source's maxMessageSize (1 MiB), above what NATS takes
     await amqp.publish(exchange, "k", big, message_id="too-big", content_type="text/plain")
     await amqp.publish(exchange, "k", b"normal", message_id="normal", content_type="text/plain")
@@ -227,13 +236,8 @@ async def test_nul_in_attributes_is_stored_and_replayed_as_sent(
     hub: RunningHub,
     function: FunctionServer,
 ) -> None:
-    queue, exchange = amqp.names()
-    declare = {"exchange": exchange, "routingKeys": ["#"], "durable": False}
     function.respond("fn", 400)  # the first call fails for good, the replay succeeds
-    await hub.function("fn", function.url("fn"))
-    await hub.put("sources", "nul", source_spec(queue, declare=declare))
-    await hub.bind("nul-to-fn", "fn", source="nul")
-    await amqp.wait_counts(queue, consumers=1)
+    _, exchange = await amqp_source_to_fn(amqp, hub, function, "nul")
     await amqp.publish(
         exchange, "k", b"\x00data\x00", message_id="m-nul", headers={"note": "a\x00b"}
     )
@@ -258,12 +262,7 @@ async def test_a_header_the_http_client_refuses_makes_a_final_dead_letter(
     hub: RunningHub,
     function: FunctionServer,
 ) -> None:
-    queue, exchange = amqp.names()
-    declare = {"exchange": exchange, "routingKeys": ["#"], "durable": False}
-    await hub.function("fn", function.url("fn"), retry={"maxAttempts": 5})
-    await hub.put("sources", "ctl", source_spec(queue, declare=declare))
-    await hub.bind("ctl-to-fn", "fn", source="ctl")
-    await amqp.wait_counts(queue, consumers=1)
+    _, exchange = await amqp_source_to_fn(amqp, hub, function, "ctl", retry={"maxAttempts": 5})
     await amqp.publish(exchange, "k", b"bad", message_id="ctl-1", content_type="text/plain\x01")
     await amqp.publish(exchange, "k", b"good", message_id="ctl-2", content_type="text/plain")
     letters = await hub.wait_dead_letters(1, function="fn")

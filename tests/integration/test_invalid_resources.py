@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,21 +17,10 @@ import orjson
 from eventhub import db
 from eventhub.settings import Settings
 from eventhub.store import ResourceStore
-from tests.support import FunctionServer, HubProcess, RunningHub, client, settings_env
+from tests.support import FunctionServer, HubProcess, RunningHub, client, run_eventhub
 
 MARS = {"type": "cron", "schedule": "@hourly", "timezone": "Mars/Olympus"}
 OLD_BINDING = {"source": "api", "function": "f1", "colour": "red"}  # a field no longer known
-
-
-def eventhub(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "eventhub", *args],
-        env=settings_env(settings, 0),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def store_row(settings: Settings, kind: str, name: str, spec: object) -> None:
@@ -91,7 +78,7 @@ async def test_a_hub_starts_routes_and_shows_an_invalid_stored_resource(
         "apiVersion: eventhub/v1\nkind: Binding\nmetadata: {name: new-binding}\n"
         "spec: {source: api, function: f1}\n"
     )
-    applied = await asyncio.to_thread(eventhub, settings, "apply", "-f", str(tmp_path))
+    applied = await asyncio.to_thread(run_eventhub, settings, "apply", "-f", str(tmp_path))
     assert applied.returncode == 0, applied.stderr
     async with client(process) as api:
         event_id = await post_until_routed(api, "f1")
@@ -132,17 +119,17 @@ async def test_a_hub_starts_routes_and_shows_an_invalid_stored_resource(
         assert 'eventhub_invalid_resources{kind="Binding"} 1.0' in exposition
         assert 'eventhub_invalid_resources{kind="Function"} 0.0' in exposition
 
-    table = await asyncio.to_thread(eventhub, settings, "get", "sources")
+    table = await asyncio.to_thread(run_eventhub, settings, "get", "sources")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].startswith("INVALID")
     assert lines[1].split() == ["NAME", "ERROR"]
     assert lines[2].startswith("mars") and "spec.timezone" in lines[2]
-    got = await asyncio.to_thread(eventhub, settings, "get", "bindings", "-o", "json")
+    got = await asyncio.to_thread(run_eventhub, settings, "get", "bindings", "-o", "json")
     items = {d["metadata"]["name"]: d for d in json.loads(got.stdout)["items"]}
     assert items["old-binding"]["status"]["invalid"] is True
     assert "invalid" not in items["new-binding"]["status"]
-    one_binding = await asyncio.to_thread(eventhub, settings, "get", "bindings", "old-binding")
+    one_binding = await asyncio.to_thread(run_eventhub, settings, "get", "bindings", "old-binding")
     assert "spec.colour" in one_binding.stdout
 
     logged = process.output()

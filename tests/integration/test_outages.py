@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -27,6 +24,7 @@ from pydantic import SecretStr
 from eventhub.embedded import EmbeddedServices
 from eventhub.settings import Settings
 from tests.conftest import TOKEN
+from tests.killable import Server, recorded_launches
 from tests.support import Call, FunctionServer, RunningHub, start_hub
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -37,94 +35,20 @@ BUDGET = 5  # maxAttempts of every function
 FAILURES = 2  # each event fails this many times at "paced" and "flaky" before it succeeds
 
 
-class Server:
-    """An embedded server, killed with -9 and started again exactly as it first ran."""
-
-    def __init__(self, pid: int, log: Path) -> None:
-        proc = Path(f"/proc/{pid}")
-        self.pid = pid
-        self.argv = [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0")[:-1]]
-        self.cwd = os.readlink(proc / "cwd")
-        owner = proc.stat()
-        self.uid, self.gid = owner.st_uid, owner.st_gid
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def kill(self) -> None:
-        victims = [self.pid, *_descendants(self.pid)]
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.process is not None:
-            self.process.wait(10)
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in victims):
-            assert time.monotonic() < deadline, f"{self.argv[0]} survived kill -9"
-            time.sleep(0.05)
-
-    def start(self) -> None:
-        switch = self.uid != os.getuid()
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.cwd,
-                user=self.uid if switch else None,
-                group=self.gid if switch else None,
-                extra_groups=[] if switch else None,
-                start_new_session=True,
-            )
-        self.pid = self.process.pid
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.kill()
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = entry.joinpath("stat").read_text()
-                children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie holds no port any more
-
-
 @contextlib.asynccontextmanager
 async def own(service: str) -> AsyncIterator[tuple[str, Server]]:
     """One embedded server of ``service`` (nats, postgres or redis): its URL and process."""
     embedded = EmbeddedServices(
         nats=service == "nats", postgres=service == "postgres", redis=service == "redis"
     )
-    urls = await embedded.start()
-    (child,) = embedded._children
-    server = Server(child.process.pid, child.log)
+    with recorded_launches() as servers:
+        urls = await embedded.start()
+    server = servers[service]
     url = getattr(urls, f"{service}_url" if service != "postgres" else "database_url")
-    if service == "redis":  # it rewrites its command line: say it again
-        port = url.rsplit(":", 1)[1].split("/")[0]
-        binary = os.readlink(f"/proc/{child.process.pid}/exe")
-        server.argv = [binary, "--bind", "127.0.0.1", "--port", port, "--save", ""]
-        server.argv += ["--dir", str(child.log.parent / "redis")]
     try:
         yield url, server
     finally:
-        server.stop()
+        await server.stop()
         await embedded.stop()
 
 
@@ -204,7 +128,7 @@ async def outage_under_load(hub: RunningHub, server: Server) -> Load:
     task = asyncio.create_task(load.run(stop))
     try:
         await asyncio.sleep(3.0)
-        server.kill()
+        await server.kill()
         await asyncio.sleep(DOWN)
         server.start()
         await asyncio.sleep(3.0)
@@ -305,7 +229,7 @@ async def test_nats_without_its_data_gets_stream_and_consumers_again(
             await function.wait_for(2, "hello", wait=30.0)
 
             # NATS killed and started again with an empty store.
-            server.kill()
+            await server.kill()
             store = Path(server.argv[server.argv.index("-sd") + 1])
             shutil.rmtree(store, ignore_errors=True)
             server.start()

@@ -11,23 +11,10 @@ from aiokafka.record import default_records
 from aiokafka.record.memory_records import MemoryRecords
 
 from connectors import kafkawire
+from tests.kafka_records import RawName
 
 GZIP = default_records.DefaultRecordBase.CODEC_GZIP
 NONE = default_records.DefaultRecordBase.CODEC_NONE
-
-
-class RawName(str):
-    """A header name that the pure-Python builder writes as ``raw`` (it calls ``encode``)."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawName:
-        name = super().__new__(cls, raw.decode("latin-1"))
-        name.raw = raw
-        return name
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
 
 
 def fetched(names: list[bytes], compression: int = NONE, base_offset: int = 0) -> bytes:
