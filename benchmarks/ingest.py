@@ -20,7 +20,7 @@ eventhub  ``python -m eventhub run --role api --role ingest`` in a child process
           namespace: no dispatcher, so the invocations stay in JetStream. A Function (never
           called), then the Source (``highWaterMark`` above N) and a Binding. Timed from the
           Source's creation until the stream holds N invocations for the function (polled
-          every 50 ms with ``stream_info(subjects_filter=...)``).
+          every 10 ms with ``stream_info(subjects_filter=...)``).
 
 RabbitMQ and Kafka messages are published before the timing starts, to a fresh queue or topic
 for each measurement. MQTT messages cannot wait for a consumer: Mosquitto keeps at most
@@ -28,10 +28,12 @@ for each measurement. MQTT messages cannot wait for a consumer: Mosquitto keeps 
 in flight, and drops the rest, for an offline session and a slow online one alike. So MQTT
 messages are published live, by this process, while the consumer runs, never more than
 ``--mqtt-window`` (700) ahead of what the consumer has taken. What "taken" means here is what
-the stream holds, and a consumer that pipelines its acknowledgements (the hub) acknowledges a
-few hundred messages after they are stored; Mosquitto 2.0 counts every unacknowledged one
-against the limit (it was seen sending the hub's persistent session more than the receive
-maximum), so a window of 900 made it drop messages now and then and the run stall. The raw
+the stream holds, as last polled (hence the 10 ms: polled every 50 ms, the stale count alone
+held the hub at 13,000 msg/s, whatever it could do). A consumer that pipelines its
+acknowledgements (the hub) acknowledges a few hundred messages after they are stored;
+Mosquitto 2.0 counts every unacknowledged one against the limit (it was seen sending the hub's
+persistent session more than the receive maximum), so a window of 900 (or the hub's 4 batches
+in flight raised to 8) made it drop messages now and then and the run stall. The raw
 MQTT consumer runs in a child process, like the hub, so that it does not share this process's
 event loop with the publisher; and the hub's client id gets a persistent session subscribed to
 the topic beforehand, so that publishing starts when the Source is created and its timing is
@@ -96,7 +98,7 @@ from eventhub.store import ResourceStore  # noqa: E402
 
 CONNECTORS = ("rabbitmq", "mqtt", "kafka")
 SCRIPT = os.path.abspath(__file__)
-POLL = 0.05  # how often the stream is looked at
+POLL = 0.01  # how often the stream is looked at (the MQTT publisher's window moves with it)
 STALL = 60.0  # give up after this long without progress
 PREFETCH = 100  # RabbitMQSpec.prefetch's default, for both
 AMQP_ACK_EVERY = PREFETCH // 2

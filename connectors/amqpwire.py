@@ -14,6 +14,8 @@ unreadable timestamp becomes a :class:`BadTimestamp` (a ``datetime`` that keeps 
 received), text that is not UTF-8 keeps its bytes as surrogate escapes. The connector rejects
 a message holding either (:func:`unreadable`), so it becomes a dead letter of the source and the
 next message flows. Everything pamqp reads today it still reads the same way.
+
+:class:`Delivery` is how the connector reads a message aiormq delivered.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
+from aiormq.abc import DeliveredMessage
 from pamqp import decode
 
 _Decoder = Callable[[bytes], tuple[int, Any]]
@@ -125,3 +128,71 @@ def _is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+class AMQPMessage(Protocol):
+    """What the connector reads of a message: aio-pika's ``IncomingMessage`` has it, and so has
+    the lighter :class:`Delivery` the connector consumes."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, Any] | None: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
+    @property
+    def type(self) -> str | None: ...
+    @property
+    def app_id(self) -> str | None: ...
+    @property
+    def exchange(self) -> str | None: ...
+    @property
+    def routing_key(self) -> str | None: ...
+
+
+class Delivery:
+    """A message as aiormq delivered it, read under ``IncomingMessage``'s names: building an
+    ``IncomingMessage`` (and aio-pika's extra task per message) cost more than the conversion."""
+
+    __slots__ = ("_properties", "body", "delivery_tag", "exchange", "routing_key")
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        self.body: bytes = message.body
+        self.delivery_tag: int = message.delivery_tag or 0
+        self.exchange: str | None = message.exchange
+        self.routing_key: str | None = message.routing_key
+        self._properties = message.header.properties
+
+    @property
+    def headers(self) -> Mapping[str, Any] | None:
+        return self._properties.headers
+
+    @property
+    def content_type(self) -> str | None:
+        return self._properties.content_type
+
+    @property
+    def message_id(self) -> str | None:
+        return self._properties.message_id
+
+    @property
+    def timestamp(self) -> datetime | None:
+        return self._properties.timestamp
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._properties.correlation_id
+
+    @property
+    def type(self) -> str | None:
+        return self._properties.message_type
+
+    @property
+    def app_id(self) -> str | None:
+        return self._properties.app_id

@@ -26,7 +26,9 @@ which restarts and gets the message again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +42,8 @@ from eventhub.events import STRUCTURED, Event, from_attributes, parse_structured
 from eventhub.sourcespecs import TLS
 
 _MAX_REASON = 500  # characters of a rejection reason kept (it is stored with the dead letter)
+# A value that ``Event.binary_headers`` sends as it is: printable ASCII but space, '"' and '%'.
+_AS_IS = re.compile(r"[!#$&-~]*")
 
 
 class Rejected(Exception):
@@ -104,15 +108,56 @@ def to_events(message: Message, spec: Any, default_type: str) -> list[Event]:
         )
     _check_charset(message)
     if spec.format == "s3":
-        return s3_events(message.payload)
+        return [sendable(e.attributes, e.data) for e in s3_events(message.payload)]
     if spec.format == "auto":
         passed = _passthrough(message)
         if passed is not None:
-            return [_check_text(passed)]
-    return [_check_text(wrap(message, spec.event_type or default_type))]
+            return [sendable(passed.attributes, passed.data)]
+    return [sendable(_wrapped(message, spec.event_type or default_type), message.payload)]
+
+
+def sendable(attributes: Mapping[str, str], data: bytes) -> Event:
+    """The event, once every attribute is known to be text that can be sent (a transport may
+    hand over a name or a value that was not UTF-8, kept as surrogate escapes), with its
+    binary-mode headers worked out here, once: most values need no percent-encoding, which
+    ``Event.binary_headers`` would otherwise do for each invocation. The headers are the same."""
+    headers: dict[str, str] = {}
+    for name, value in attributes.items():
+        if not name.isascii():
+            _check_utf8(name, name)
+        if name == "datacontenttype":
+            if not value.isascii():
+                _check_utf8(name, value)
+            headers["content-type"] = value
+        elif _AS_IS.fullmatch(value):  # printable ASCII: sent as it is
+            headers["ce-" + name] = value
+        else:
+            if not value.isascii():
+                _check_utf8(name, value)
+            headers["ce-" + name] = _quoted(value)
+    return Event(attributes, data, headers)
+
+
+@functools.lru_cache(maxsize=1024)
+def _quoted(value: str) -> str:
+    """A value as ``Event.binary_headers`` sends it (cached: a source such as
+    ``amqp://%2F/orders`` comes with every message)."""
+    return Event({"v": value}).binary_headers()["ce-v"]
+
+
+def _check_utf8(name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Rejected(f"invalid-attribute: {name} is not UTF-8 text") from None
 
 
 def wrap(message: Message, event_type: str) -> Event:
+    return Event(_wrapped(message, event_type), message.payload)
+
+
+def _wrapped(message: Message, event_type: str) -> dict[str, str]:
+    """The attributes of a wrapped message."""
     attributes = {
         "specversion": "1.0",
         "id": message.id,
@@ -127,7 +172,7 @@ def wrap(message: Message, event_type: str) -> Event:
         attributes["datacontenttype"] = message.content_type
     for name, value in message.extensions.items():
         attributes.setdefault(name, value)
-    return Event(attributes, message.payload)
+    return attributes
 
 
 def _passthrough(message: Message) -> Event | None:
@@ -143,19 +188,6 @@ def _passthrough(message: Message) -> Event | None:
     except InvalidInput as exc:
         raise Rejected(f"invalid-cloudevent: {exc.detail}") from None
     return None
-
-
-def _check_text(event: Event) -> Event:
-    """Every attribute must be text that can be sent (a transport may hand over a name or a value
-    that was not UTF-8, kept as surrogate escapes)."""
-    for name, value in event.attributes.items():
-        for text in (name, value):
-            if not text.isascii():
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise Rejected(f"invalid-attribute: {name} is not UTF-8 text") from None
-    return event
 
 
 def _check_charset(message: Message) -> None:

@@ -454,7 +454,13 @@ def _message_id(
 def _source(spec: MQTTSpec, topic: str) -> str:
     scheme, default_port = ("mqtts", 8883) if spec.tls else ("mqtt", 1883)
     port = "" if spec.port == default_port else f":{spec.port}"
-    return f"{scheme}://{spec.host}{port}/{quote(topic, safe='/')}"
+    return f"{scheme}://{spec.host}{port}/{_quoted(topic)}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _quoted(topic: str) -> str:
+    """The topic percent-encoded for a URL (a source has few topics, each quoted once)."""
+    return quote(topic, safe="/")
 
 
 def _structured(payload: bytes) -> bool:

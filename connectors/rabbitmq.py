@@ -1,4 +1,4 @@
-"""RabbitMQ source: consume one queue (AMQP 0-9-1, aio-pika) with manual acknowledgements.
+"""RabbitMQ source: consume one queue (AMQP 0-9-1: aio-pika connects, aiormq consumes), manual acks.
 
 =============  ====================================================================================
 Outcome        What the connector does on the AMQP channel
@@ -55,7 +55,7 @@ import aio_pika
 import aiormq.abc
 import orjson
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from yarl import URL
 
@@ -88,7 +88,7 @@ _CONNECT_TIMEOUT = 10.0
 _RESERVED = frozenset(
     {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema"}
 )
-_Item = AbstractIncomingMessage | BaseException
+_Item = amqpwire.Delivery | BaseException
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -117,12 +117,12 @@ class RabbitMQConnector:
             await channel.set_qos(prefetch_count=self.spec.prefetch)
             queue = await self._queue(channel)
             inbox: asyncio.Queue[_Item] = asyncio.Queue(maxsize=self.spec.prefetch + 2)
-            await self._subscribe(channel, queue, inbox)
-            log.info("rabbitmq_consuming", source=self.name, queue=queue.name)
             underlay = await channel.get_underlay_channel()
+            await self._subscribe(channel, underlay, queue.name, inbox)
+            log.info("rabbitmq_consuming", source=self.name, queue=queue.name)
             lag = asyncio.create_task(self._track_lag(ctx, underlay), name=f"lag:{self.name}")
             try:
-                await self._consume(ctx, inbox)
+                await self._consume(ctx, underlay, inbox)
             finally:
                 lag.cancel()
                 await asyncio.wait([lag])
@@ -141,10 +141,16 @@ class RabbitMQConnector:
         return queue
 
     async def _subscribe(
-        self, channel: AbstractChannel, queue: AbstractQueue, inbox: asyncio.Queue[_Item]
+        self,
+        channel: AbstractChannel,
+        underlay: aiormq.abc.AbstractChannel,
+        queue: str,
+        inbox: asyncio.Queue[_Item],
     ) -> None:
         """Messages arrive in ``inbox`` in delivery order, followed by an exception if the
-        channel closes or the broker cancels the consumer (the queue was deleted).
+        channel closes or the broker cancels the consumer (the queue was deleted). They are
+        consumed on aiormq's channel directly: aiormq runs the callback in a task per message,
+        in delivery order, and the callback's first step queues it.
 
         ``inbox`` never fills: the broker sends at most ``prefetch`` unacked messages, and the
         two spare places are for the stop signals."""
@@ -153,30 +159,37 @@ class RabbitMQConnector:
             inbox.put_nowait(ConnectionError(f"the AMQP channel closed: {exc}"))
 
         def cancelled(_frame: object) -> None:
-            inbox.put_nowait(ConnectionError(f"the broker cancelled the consumer of {queue.name}"))
+            inbox.put_nowait(ConnectionError(f"the broker cancelled the consumer of {queue}"))
+
+        async def received(message: aiormq.abc.DeliveredMessage) -> None:
+            inbox.put_nowait(amqpwire.Delivery(message))
 
         channel.close_callbacks.add(closed)
-        underlay = await channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(cancelled)
-        await queue.consume(inbox.put, no_ack=False)
+        await underlay.basic_consume(queue, received, no_ack=False)
 
-    async def _consume(self, ctx: SourceContext, inbox: asyncio.Queue[_Item]) -> None:
+    async def _consume(
+        self,
+        ctx: SourceContext,
+        channel: aiormq.abc.AbstractChannel,
+        inbox: asyncio.Queue[_Item],
+    ) -> None:
         """Batches are delivered concurrently (up to ``_WINDOW``) and acked in delivery order:
         a batch's ``multiple`` ack covers its own messages and every earlier delivery tag, all
         of which belong to batches already acked or to this one."""
-        acks = _Acks()
+        acks = _Acks(channel)
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(acks.send(), name=f"amqp-acks:{self.name}")
                 async with ctx.deliveries(_WINDOW) as deliveries:
                     while True:
                         batch = await _next_batch(inbox)
-                        ack = functools.partial(acks.ack, batch[-1])
+                        ack = functools.partial(acks.ack, batch[-1].delivery_tag)
                         await deliveries.start(self._deliver(ctx, batch), ack)
         except ExceptionGroup as group:  # one failure is the story: the supervisor reports it
             raise_first(group)
 
-    async def _deliver(self, ctx: SourceContext, batch: list[AbstractIncomingMessage]) -> None:
+    async def _deliver(self, ctx: SourceContext, batch: list[amqpwire.Delivery]) -> None:
         events: list[Event] = []
         for message in batch:
             try:
@@ -186,13 +199,11 @@ class RabbitMQConnector:
         if events:
             await ctx.deliver(events)
 
-    def events(self, message: AbstractIncomingMessage) -> list[Event]:
+    def events(self, message: amqpwire.AMQPMessage) -> list[Event]:
         """The events of one message; raises :class:`Rejected` for one that cannot become any."""
         return convert(lambda: to_events(self.message(message), self.spec, DEFAULT_TYPE))
 
-    async def _reject(
-        self, ctx: SourceContext, message: AbstractIncomingMessage, reason: str
-    ) -> None:
+    async def _reject(self, ctx: SourceContext, message: amqpwire.AMQPMessage, reason: str) -> None:
         """Its dead letter, with what of its metadata can be stored whatever the message held."""
         try:
             metadata = {k: utf8(v) for k, v in self._extensions(message).items()}
@@ -200,7 +211,7 @@ class RabbitMQConnector:
             metadata = {}
         await ctx.reject(utf8(self._id(message)), reason, message.body, metadata)
 
-    def message(self, message: AbstractIncomingMessage) -> Message:
+    def message(self, message: amqpwire.AMQPMessage) -> Message:
         """A wrapped message becomes an event with:
 
         - ``id``: the AMQP ``message-id``; without one, a digest of exchange, routing key,
@@ -232,7 +243,7 @@ class RabbitMQConnector:
         )
 
     @staticmethod
-    def _extensions(message: AbstractIncomingMessage) -> dict[str, str]:
+    def _extensions(message: amqpwire.AMQPMessage) -> dict[str, str]:
         headers: Mapping[str, Any] = message.headers or {}
         extensions = {
             k: text
@@ -250,7 +261,7 @@ class RabbitMQConnector:
         return extensions
 
     @staticmethod
-    def _id(message: AbstractIncomingMessage) -> str:
+    def _id(message: amqpwire.AMQPMessage) -> str:
         if message.message_id:
             return message.message_id
         # x- headers are the broker's (x-death, x-delivery-count): they change on redelivery.
@@ -280,33 +291,35 @@ class RabbitMQConnector:
 
 
 class _Acks:
-    """The last message of the latest batch delivered (with every earlier one): one task sends
-    its ``basic.ack multiple``, so acks that pile up while one is written leave as one."""
+    """The delivery tag of the last message of the latest batch delivered (with every earlier
+    one): one task sends its ``basic.ack multiple``, so acks that pile up while one is written
+    leave as one."""
 
-    def __init__(self) -> None:
-        self._last: AbstractIncomingMessage | None = None
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self._channel = channel
+        self._last: int | None = None
         self._ready = asyncio.Event()
 
-    def ack(self, message: AbstractIncomingMessage) -> None:
-        self._last = message
+    def ack(self, delivery_tag: int) -> None:
+        self._last = delivery_tag
         self._ready.set()
 
     async def send(self) -> None:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            message, self._last = self._last, None
-            if message is not None:
-                await message.ack(multiple=True)
+            delivery_tag, self._last = self._last, None
+            if delivery_tag is not None:
+                await self._channel.basic_ack(delivery_tag, multiple=True)
 
 
-async def _next_batch(inbox: asyncio.Queue[_Item]) -> list[AbstractIncomingMessage]:
+async def _next_batch(inbox: asyncio.Queue[_Item]) -> list[amqpwire.Delivery]:
     """Wait for one message, then take what has already arrived, up to ``_BATCH``.
 
-    aio-pika hands each message over in a task of its own, so the messages of one socket read
+    aiormq hands each message over in a task of its own, so the messages of one socket read
     arrive over the next few loop iterations: waiting for a couple of them makes batches (and
     NATS writes) larger for the cost of microseconds."""
-    batch: list[AbstractIncomingMessage] = []
+    batch: list[amqpwire.Delivery] = []
     item = await inbox.get()
     for _ in range(_GATHER_ROUNDS):
         if inbox.qsize() + 1 >= _BATCH:
