@@ -247,6 +247,17 @@ class _Deps:
     metrics: Metrics
 
 
+@dataclass(slots=True)
+class _Call:
+    """A call being made: its message, when it started, and whether it is marked running."""
+
+    msg: Msg
+    started: float
+    invocation_id: str
+    attempt: int
+    marked: bool = False
+
+
 class FunctionWorker:
     """Pulls one consumer: the function's (up to ``maxConcurrency`` calls at once) or one of
     its ordered lanes (one call at a time, so one key's events stay in order)."""
@@ -261,8 +272,9 @@ class FunctionWorker:
         self._fetcher: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopping = False
-        # Messages being invoked (by identity: Msg is unhashable) and when their call started.
-        self._calls: dict[int, tuple[Msg, float]] = {}
+        # Calls being made, by the identity of their message (Msg is unhashable).
+        self._calls: dict[int, _Call] = {}
+        self._marking: asyncio.TimerHandle | None = None  # the next _mark_running, if due
         self._rand = random.Random()  # noqa: S311 - jitter, not security
         m = deps.metrics
         self._succeeded = m.invocations.labels(name, "succeeded")
@@ -296,6 +308,8 @@ class FunctionWorker:
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.wait([self._ticker])
+        if self._marking is not None:
+            self._marking.cancel()
 
     async def _fetch_loop(self) -> None:
         queue = self._deps.queue
@@ -596,17 +610,36 @@ class FunctionWorker:
     async def _call(
         self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int
     ) -> Outcome:
-        self._calls[id(msg)] = (msg, time.monotonic())
-        # A call still running after a moment is marked so; a quick one goes straight from
-        # queued to its outcome, which saves a state write per invocation.
-        mark = asyncio.get_running_loop().call_later(
-            _RUNNING_AFTER, self._deps.state.running, invocation.id, self.name, attempt
-        )
+        started = time.monotonic()
+        self._calls[id(msg)] = _Call(msg, started, invocation.id, attempt)
+        if self._marking is None:
+            self._marking = asyncio.get_running_loop().call_at(
+                started + _RUNNING_AFTER, self._mark_running
+            )
         try:
             return await self._deps.invoker.invoke(invocation, spec, attempt)
         finally:
-            mark.cancel()
             del self._calls[id(msg)]
+
+    def _mark_running(self) -> None:
+        """A call still running after a moment is marked so; a quick one goes straight from
+        queued to its outcome, which saves a state write per invocation. One timer per worker
+        at a time (not one per call): it marks every call due, then waits for the next."""
+        self._marking = None
+        cutoff = time.monotonic() - _RUNNING_AFTER
+        next_start: float | None = None
+        for call in self._calls.values():
+            if call.marked:
+                continue
+            if call.started <= cutoff:
+                call.marked = True
+                self._deps.state.running(call.invocation_id, self.name, call.attempt)
+            elif next_start is None or call.started < next_start:
+                next_start = call.started
+        if next_start is not None:
+            self._marking = asyncio.get_running_loop().call_at(
+                next_start + _RUNNING_AFTER, self._mark_running
+            )
 
     async def _keep_alive(self) -> None:
         """One ticker per worker: a call running longer than a third of ``ack_wait`` gets an
@@ -615,7 +648,7 @@ class FunctionWorker:
         while True:
             await asyncio.sleep(interval)
             cutoff = time.monotonic() - interval
-            for msg in [m for m, started in self._calls.values() if started <= cutoff]:
+            for msg in [c.msg for c in self._calls.values() if c.started <= cutoff]:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.in_progress()
 

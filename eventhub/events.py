@@ -32,6 +32,16 @@ _JSON_TYPE = re.compile(r"^(application|text)/([a-zA-Z0-9\-.]+\+)?json(;.*)?$")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SAFE = "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in ' "%')
 _FORMAT = JSONFormat()
+# Attributes the binary fast path takes as they are (``time`` is left to the SDK: it parses it).
+_KNOWN = frozenset(
+    {"specversion", "id", "source", "type", "subject", "dataschema", "datacontenttype"}
+)
+_REQUIRED_NOT_EMPTY = ("id", "source", "type")
+# Left to the SDK: ``time`` (parsed), ``data`` (reserved: the SDK names the problem) and
+# ``datacontenttype`` as a ce- header (Content-Type's attribute: the SDK's path decides which wins).
+_SLOW = frozenset({"time", "data", "datacontenttype"})
+_PLAIN = re.compile(r"[!#$&-~]*")  # header text that percent-encoding leaves as it is (_SAFE)
+_EXTENSION_NAME = re.compile(r"[a-z0-9]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +139,9 @@ def parse_http(headers: Mapping[str, str], body: bytes) -> list[Event]:
             problems=(FieldProblem("ce-specversion", "header is missing"),),
         )
     lowered = {k.lower(): v for k, v in headers.items()}
+    fast = _binary_fast(lowered, body)
+    if fast is not None:
+        return [fast]
     _require({k[3:] for k in lowered if k.startswith("ce-")}, "ce-")
     message = ce_http.HTTPMessage(headers=lowered, body=b"")
     try:
@@ -140,6 +153,38 @@ def parse_http(headers: Mapping[str, str], body: bytes) -> list[Event]:
     event = _from_sdk(sdk_event, body, had_time="ce-time" in lowered)
     _check_controls(event.attributes, _header_of)
     return [event]
+
+
+def _binary_fast(lowered: Mapping[str, str], body: bytes) -> Event | None:
+    """The binary content mode without the SDK, for the common event: every attribute the SDK
+    would accept as it is (required ones present, no empty value, ``specversion`` 1.0, no
+    ``time``, extension names of lowercase letters and digits). The attributes are those the
+    SDK's path gives, decoded the same way, in the same order. None: let the SDK decide (and
+    name what is wrong)."""
+    attributes: dict[str, str] = {}
+    wire: dict[str, str] = {}  # what binary_headers() would make of them, kept to send on
+    for name, value in lowered.items():
+        if name.startswith("ce-"):
+            attribute = name[3:]
+            if (
+                not value
+                or attribute in _SLOW
+                or (attribute not in _KNOWN and not _EXTENSION_NAME.fullmatch(attribute))
+            ):
+                return None
+            decoded = unquote(value) if "%" in value else value
+            attributes[attribute] = decoded
+            wire[name] = value if _PLAIN.fullmatch(value) else quote(decoded, safe=_SAFE)
+        elif name == "content-type":
+            if not value:
+                return None
+            attributes["datacontenttype"] = wire[name] = value
+    if attributes.get("specversion") != "1.0" or not all(
+        attributes.get(a) for a in _REQUIRED_NOT_EMPTY
+    ):
+        return None
+    _check_controls(attributes, _header_of)
+    return Event(attributes, body, wire)
 
 
 def _header_of(attribute: str) -> str:

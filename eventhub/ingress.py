@@ -10,6 +10,7 @@ fit in one NATS message with :data:`~eventhub.sizes.INGRESS_RESERVE` to spare is
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections import Counter
@@ -50,6 +51,9 @@ class Ingress:
         self._state = state
         self._metrics = metrics
         self._depths: tuple[float, dict[str, int]] = (-_DEPTH_TTL, {})
+        # The labelled counters, looked up once (prometheus_client's labels() takes a lock).
+        self._events_in = functools.lru_cache(maxsize=1024)(metrics.events_in.labels)
+        self._enqueued = functools.lru_cache(maxsize=4096)(metrics.invocations_enqueued.labels)
 
     async def submit(
         self,
@@ -88,7 +92,7 @@ class Ingress:
                         ),
                     )
                 )
-        self._metrics.events_in.labels(source).inc(len(events))
+        self._events_in(source).inc(len(events))
         if unrouted:
             self._metrics.events_unrouted.labels(source).inc(unrouted)
         if invocations:
@@ -96,8 +100,11 @@ class Ingress:
             if record_queued:
                 await self._state.queued([(i.id, i.function) for i in invocations], owner=caller)
             # One metric update per function, not per invocation (a hot path for sources).
-            for function, count in Counter(i.function for i in invocations).items():
-                self._metrics.invocations_enqueued.labels(function).inc(count)
+            if len(invocations) == 1:
+                self._enqueued(invocations[0].function).inc()
+            else:
+                for function, count in Counter(i.function for i in invocations).items():
+                    self._enqueued(function).inc(count)
         return invocations
 
     async def enqueue(self, invocation: Invocation) -> bool:

@@ -25,6 +25,7 @@ gets the same id, so a redelivered event is deduplicated by JetStream instead of
 from __future__ import annotations
 
 import base64
+import hashlib
 import random
 import uuid
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from eventhub.events import Event
 from eventhub.ports import DeadLetterRecord
 
 _IDS = uuid.UUID("6f1c2f7e-3a0b-4c55-9a52-5e0c6b1de001")
+_IDS_BYTES = _IDS.bytes
 
 H_MSG_ID = "Nats-Msg-Id"
 H_INVOCATION_ID = "Eh-Invocation-Id"  # set when the message id differs (a released message)
@@ -51,7 +53,13 @@ H_DUE = "Eh-Due"
 
 
 def event_invocation_id(event: Event, binding: str) -> str:
-    return str(uuid.uuid5(_IDS, f"{event.source}\x00{event.id}\x00{binding}"))
+    """``uuid5(_IDS, source NUL id NUL binding)``, without the UUID object (a hot path)."""
+    name = f"{event.source}\x00{event.id}\x00{binding}".encode()
+    raw = bytearray(hashlib.sha1(_IDS_BYTES + name, usedforsecurity=False).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = raw.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def keyed_invocation_id(function: str, idempotency_key: str, caller: str = "") -> str:

@@ -14,6 +14,7 @@ refused it (:class:`QueueFull` when the stream is full, :class:`DependencyDown` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Iterable
 
@@ -98,8 +99,11 @@ async def settle(
     new. Raises the first refusal, or DependencyDown, once every one came back or the time is
     up: a caller never answers before JetStream did."""
     try:
-        async with asyncio.timeout(within):
-            await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
+        if len(sent) == 1:
+            await _one(sent[0][1], within)
+        else:
+            async with asyncio.timeout(within):
+                await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
     except TimeoutError as exc:
         raise DependencyDown("JetStream is unavailable: no PubAck in time") from exc
     finally:
@@ -111,3 +115,25 @@ async def settle(
             raise error
         new += outcome(future.result())
     return new
+
+
+async def _one(future: asyncio.Future[bytes], within: float) -> None:
+    """Wait for one PubAck, at most ``within`` s (TimeoutError), leaving its outcome in the
+    future. The usual request: one timer, instead of a timeout scope and a gathering future."""
+    timer = asyncio.get_running_loop().call_later(within, _expire, future)
+    try:
+        with contextlib.suppress(Exception):  # a refusal is read by the caller
+            await future
+    finally:
+        timer.cancel()
+    if isinstance(future.exception(), _Expired):
+        raise TimeoutError
+
+
+class _Expired(Exception):
+    """Set on a PubAck's future that did not come in time (never seen by callers)."""
+
+
+def _expire(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())

@@ -95,7 +95,10 @@ return #writes
 """
 _QUEUE_SIZE = 10_000
 _BATCH = 500
-_LINGER = 0.005  # seconds a write may wait for others to share its batch
+# Seconds a write may wait for others to share its batch. Under load an invocation's 'queued'
+# and its outcome then mostly share one batch and are merged into one write; a reader never
+# waits for it (a flush cuts the wait short).
+_LINGER = 0.05
 
 
 @dataclass
@@ -128,6 +131,8 @@ class InvocationState:
         self._queued = 0  # writes queued so far
         self._applied = 0  # writes applied (or failed and logged) so far
         self._progress = asyncio.Condition()
+        self._hurry = asyncio.Event()  # a reader waits: apply what is queued now
+        self._wanted = 0  # writes a reader waits for: applied without lingering
 
     async def queued(self, ids: list[tuple[str, str]], owner: str | None = None) -> None:
         """Mark (invocation id, function) pairs queued, unless dispatch already moved them on;
@@ -194,6 +199,8 @@ class InvocationState:
     async def flush(self) -> None:
         """Wait until the writes queued before this call are applied (or failed, logged)."""
         target = self._queued
+        self._wanted = max(self._wanted, target)
+        self._hurry.set()
         async with self._progress:
             await self._progress.wait_for(lambda: self._applied >= target)
 
@@ -201,10 +208,13 @@ class InvocationState:
         """Apply queued writes until cancelled; a failed batch is logged, delivery goes on."""
         while True:
             first_id, first = await self._pending.get()
-            if self._pending.qsize() < _BATCH:
+            if self._pending.qsize() < _BATCH and self._applied >= self._wanted:
                 # A moment's wait fills the batch: one script call then carries the writes of
                 # many invocations, which costs far less than a call for each.
-                await asyncio.sleep(_LINGER)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_LINGER):
+                        await self._hurry.wait()
+            self._hurry.clear()
             batch = {first_id: first}  # under load, one invocation's transitions share a batch
             taken = 1
             while len(batch) < _BATCH and not self._pending.empty():

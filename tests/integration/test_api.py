@@ -226,3 +226,25 @@ async def test_direct_invocation_status_idempotency_and_callback(
         assert (await r.json())["errors"][0]["field"] == "X-Callback-Url"
     async with hub.http.get(f"{hub.base_url}/v1/invocations/unknown", headers=hub.auth()) as r:
         assert r.status == 404
+
+
+async def test_a_call_that_takes_a_while_is_shown_running(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    """Calls still going after a moment are marked running, each of them; then their outcome."""
+    await hub.function("slow", function.url("slow"))
+    gate = function.gates["slow"] = asyncio.Event()
+    ids = []
+    for _ in range(3):
+        async with hub.http.post(
+            f"{hub.base_url}/v1/functions/slow/invocations", data=b"x", headers=hub.auth()
+        ) as r:
+            assert r.status == 202
+            ids.append((await r.json())["id"])
+    await function.wait_for(3, "slow")
+    for inv_id in ids:
+        doc = await hub.wait_status(inv_id, "running")
+        assert doc["attempts"] == 1
+    gate.set()
+    for inv_id in ids:
+        await hub.wait_status(inv_id, "succeeded")

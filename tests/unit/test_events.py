@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
 import pytest
 
+from eventhub import events
 from eventhub.errors import InvalidInput, UnsupportedMediaType
 from eventhub.events import BATCH, STRUCTURED, Event, canonical, parse_http
 
@@ -107,6 +109,60 @@ def test_binary_mode_header_names_are_case_insensitive() -> None:
     }
     [event] = parse_http(headers, b"")
     assert (event.id, event.source, event.type) == ("evt-1", "/orders", "com.example.created")
+
+
+_VALUES = ("", "x", "1.0", "0.3", "a%20b", "%", "%zz", "a b", 'q"', "a\x01b", "\u00e9", TIME)
+_NAMES = (
+    "ce-specversion",
+    "ce-id",
+    "ce-subject",
+    "ce-dataschema",
+    "ce-time",
+    "ce-data",
+    "ce-Ext1",
+    "ce-ext_x",
+    "ce-",
+    "ce-datacontenttype",
+    "content-type",
+    "Content-Type",
+)
+
+
+def _outcome(parse: Any, headers: dict[str, str]) -> Any:
+    try:
+        return [(e.attributes, e.data) for e in parse(headers, b"body")]
+    except InvalidInput as exc:
+        return (type(exc).__name__, exc.detail, exc.problems)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_binary_fast_path_agrees_with_the_sdk(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The binary mode skips the SDK for plain events: every header set, accepted or not,
+    gives what the SDK's path gives, and the headers kept to send on are those the attributes
+    encode to."""
+    rnd = random.Random(seed)
+    cases = []
+    for _ in range(2000):
+        headers = binary()
+        for _ in range(rnd.randint(0, 4)):
+            headers[rnd.choice(_NAMES)] = rnd.choice(_VALUES)
+        cases.append(headers)
+    fast = [_outcome(parse_http, h) for h in cases]
+    parsed = [e for h in cases for e in _events_or_none(h)]
+    assert any(e.wire is not None for e in parsed)  # the fast path was taken
+    kept = [e.binary_headers() for e in parsed]
+    rebuilt = [Event(e.attributes).binary_headers() for e in parsed]
+    monkeypatch.setattr(events, "_binary_fast", lambda lowered, body: None)
+    assert fast == [_outcome(parse_http, h) for h in cases]
+    assert kept == rebuilt
+    assert [list(k) for k in kept] == [list(r) for r in rebuilt]
+
+
+def _events_or_none(headers: dict[str, str]) -> list[Event]:
+    try:
+        return parse_http(headers, b"")
+    except InvalidInput:
+        return []
 
 
 def test_binary_mode_time_is_canonical() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from eventhub.events import Event
 from eventhub.invocations import (
+    _IDS,
     H_BINDING,
     H_CALLBACK,
     H_DEAD_LETTER,
@@ -149,6 +150,19 @@ def test_event_invocation_id_is_deterministic() -> None:
     again = event_invocation_id(event(), "orders-to-resize")
     assert first == again
     assert uuid.UUID(first).version == 5
+
+
+@pytest.mark.parametrize(
+    ("source", "event_id", "binding"),
+    [("/orders", "o-1", "orders-to-resize"), ("/é/ü", "x" * 300, ""), ("", "\x00", "b")],
+)
+def test_event_invocation_id_is_the_uuid5_of_source_id_and_binding(
+    source: str, event_id: str, binding: str
+) -> None:
+    """Ids stay what they were: a message already in the duplicate window keeps its id."""
+    evt = Event({"specversion": "1.0", "id": event_id, "source": source, "type": "t"})
+    expected = uuid.uuid5(_IDS, f"{source}\x00{event_id}\x00{binding}")
+    assert event_invocation_id(evt, binding) == str(expected)
 
 
 def test_event_invocation_id_ignores_everything_but_source_id_and_binding() -> None:
