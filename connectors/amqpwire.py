@@ -28,6 +28,8 @@ from typing import Any, Protocol
 from aiormq.abc import DeliveredMessage
 from pamqp import decode
 
+from connectors.common import is_utf8
+
 _Decoder = Callable[[bytes], tuple[int, Any]]
 _installed = False
 
@@ -66,7 +68,7 @@ def unreadable(timestamp: datetime | None, headers: Mapping[str, Any]) -> str | 
             " (as seconds, or milliseconds above 2^32)"
         )
     for name, value in headers.items():
-        if not _is_utf8(name):
+        if not is_utf8(name):
             return f"invalid-header: the header name {name!r} is not UTF-8"
         if isinstance(value, BadTimestamp):
             return f"invalid-header: header {name}: timestamp {value.raw} is past the year 9999"
@@ -118,16 +120,6 @@ def field_table(value: bytes) -> tuple[int, dict[str, Any]]:
         return end, table
     except (struct.error, TypeError, IndexError) as err:
         raise ValueError("Could not unpack data") from err
-
-
-def _is_utf8(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class AMQPMessage(Protocol):

@@ -81,6 +81,17 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` is UTF-8 as received: no surrogate escapes of undecodable bytes."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def utf8(text: str) -> str:
     """``text`` as it can be stored and sent: undecodable bytes (surrogate escapes) as U+FFFD."""
     if text.isascii():

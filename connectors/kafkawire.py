@@ -26,6 +26,8 @@ from aiokafka.consumer import fetcher
 from aiokafka.errors import CorruptRecordException
 from aiokafka.record import default_records, memory_records
 
+from connectors.common import is_utf8
+
 _installed = False
 
 
@@ -48,7 +50,7 @@ def install() -> None:
 def unreadable(headers: Iterable[tuple[str, bytes | None]]) -> str | None:
     """Why a record with these headers cannot be read, as a rejection reason; else None."""
     for name, _ in headers:
-        if not _is_utf8(name):
+        if not is_utf8(name):
             return f"invalid-header: the header name {name!r} is not UTF-8"
     return None
 
@@ -165,13 +167,3 @@ def self_test() -> list[tuple[str, bytes | None]]:
     records = LenientRecords(sample_batch(b"\xff\xfe"))
     batch = records.next_batch()
     return [(name, value) for record in batch for name, value in record.headers]
-
-
-def _is_utf8(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
