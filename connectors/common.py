@@ -157,10 +157,8 @@ def _quoted(value: str) -> str:
 
 
 def _check_utf8(name: str, text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise Rejected(f"invalid-attribute: {name} is not UTF-8 text") from None
+    if not is_utf8(text):
+        raise Rejected(f"invalid-attribute: {name} is not UTF-8 text")
 
 
 def wrap(message: Message, event_type: str) -> Event:

@@ -410,13 +410,8 @@ class FunctionWorker:
         delay = _OUTAGE_DELAY * (0.5 + self._rand.random())  # spread the returns
         due_ms = int((time.time() + delay) * 1000)
         extra = {H_SETTLED: settled} if settled else None
-        try:
-            await self._deps.queue.schedule_retry(msg, self.name, due_ms, attempts, extra)
-        except (QueueFull, DependencyDown) as exc:
-            log.warning("retry_schedule_unavailable", error=str(exc))
+        if not await self._schedule(msg, due_ms, attempts, extra):
             await msg.nak(delay=delay)
-            return
-        await msg.ack()
 
     async def _wait_for_room(self) -> int:
         while len(self._in_flight) >= self.limit:
@@ -596,11 +591,13 @@ class FunctionWorker:
         else:
             await msg.nak(delay=_RESCHEDULE_LATER)
 
-    async def _schedule(self, msg: Msg, due_ms: int, attempts: int) -> bool:
-        """Store the invocation's next message in the retry schedule, then ack ``msg``; False
-        (``msg`` untouched) when the schedule cannot take it."""
+    async def _schedule(
+        self, msg: Msg, due_ms: int, attempts: int, extra: dict[str, str] | None = None
+    ) -> bool:
+        """Store the invocation's next message in the retry schedule (with ``extra`` headers),
+        then ack ``msg``; False (``msg`` untouched) when the schedule cannot take it."""
         try:
-            await self._deps.queue.schedule_retry(msg, self.name, due_ms, attempts)
+            await self._deps.queue.schedule_retry(msg, self.name, due_ms, attempts, extra)
         except (QueueFull, DependencyDown) as exc:
             log.warning("retry_schedule_unavailable", error=str(exc))
             return False

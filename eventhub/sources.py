@@ -111,10 +111,6 @@ class Deliveries:
         self._failure: BaseException | None = None
         self._closing = False
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._started)
-
     async def start(
         self, work: Coroutine[Any, Any, None], ack: Ack, lane: Hashable = None
     ) -> asyncio.Task[None]:
