@@ -22,11 +22,11 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from eventhub.callbackpolicy import (
-    CallbackPolicy,
     CallbackRefused,
     GuardedResolver,
     is_ip_literal,
     origin,
+    policy_of,
 )
 from eventhub.invocations import Invocation
 from eventhub.retry import Outcome
@@ -41,7 +41,7 @@ class Callbacks:
     """Owns the callback tasks and the HTTP client they share (made on first use)."""
 
     def __init__(self, allow: Iterable[str] = (), resolver: AbstractResolver | None = None) -> None:
-        self._policy = CallbackPolicy.of(allow)
+        self._policy = policy_of(tuple(allow))  # the one the API checks with
         self._inner_resolver = resolver  # the lookup under the guard (tests pass a fake one)
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None

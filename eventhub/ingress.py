@@ -164,8 +164,8 @@ class Ingress:
             traceparent=trace.traceparent or new_traceparent(),
             tracestate=trace.tracestate,
         )
-        self._metrics.events_in.labels("invoke").inc()
+        self._events_in("invoke").inc()
         await self._queue.publish(invocation, reserve=INGRESS_RESERVE)
         await self._state.queued([(inv_id, function)], owner=caller)
-        self._metrics.invocations_enqueued.labels(function).inc()
+        self._enqueued(function).inc()
         return invocation

@@ -49,7 +49,8 @@ _BY_NAME = attrgetter("binding")
 
 @dataclass(frozen=True)
 class _SourceIndex:
-    """One source's routes: those that require an event type, by type, and the others."""
+    """One source's routes: by the event type they require, each type's list merged with the
+    routes that require none (in binding name order), and those others alone."""
 
     by_type: dict[str, tuple[Route, ...]]
     any_type: tuple[Route, ...]
@@ -61,17 +62,13 @@ class _SourceIndex:
             if route.event_type is not None:
                 by_type.setdefault(route.event_type, []).append(route)
         any_type = tuple(r for r in routes if r.event_type is None)
-        return cls({k: tuple(v) for k, v in by_type.items()}, any_type)
+        merged = {k: tuple(sorted((*v, *any_type), key=_BY_NAME)) for k, v in by_type.items()}
+        return cls(merged, any_type)
 
     def candidates(self, event_type: object) -> Sequence[Route]:
         """The routes an event of this type can match, in binding name order."""
         key = event_type if type(event_type) is str else canonical_string(event_type)
-        typed = self.by_type.get(key, ()) if key is not None else ()
-        if not typed:
-            return self.any_type
-        if not self.any_type:
-            return typed
-        return sorted((*typed, *self.any_type), key=_BY_NAME)
+        return self.by_type.get(key, self.any_type) if key is not None else self.any_type
 
 
 @dataclass(frozen=True)
