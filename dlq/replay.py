@@ -29,6 +29,9 @@ import structlog
 from dlq.store import DeadLetterFilter, DeadLetterQuery, DeadLetterStore, event_of, to_document
 from eventhub.errors import Conflict, InvalidInput, NotFound
 from eventhub.invocations import Invocation
+from eventhub.resources import FunctionSpec
+from eventhub.routing import Routes
+from eventhub.versions import Target, names
 
 log = structlog.get_logger(__name__)
 _IDS = uuid.UUID("5c2f8a4e-0b7d-4f3a-9e61-7d2c9b1a0e55")
@@ -66,11 +69,21 @@ class ReplayJobs:
         sample = await self._store.page(DeadLetterQuery(filter=which, limit=5))
         return {"count": count, "sample": sample}
 
-    async def create(self, plan: ReplayPlan, functions: Mapping[str, object]) -> dict[str, Any]:
+    async def create(
+        self, plan: ReplayPlan, functions: Mapping[str, FunctionSpec]
+    ) -> dict[str, Any]:
         """Take the matching dead letters for a new job, at once: from here on they are
-        ``replaying`` and no other replay can take them."""
-        if plan.to is not None and plan.to not in functions:
-            raise InvalidInput(f"to: Function '{plan.to}' does not exist")
+        ``replaying`` and no other replay can take them. ``plan.to`` may name a function, a
+        version or an alias (``f``, ``f:v3``, ``f:prod``)."""
+        if plan.to is not None:
+            target = Target.parse(plan.to)
+            spec = functions.get(target.function)
+            if spec is None:
+                raise InvalidInput(f"to: Function '{target.function}' does not exist")
+            if target.selector is not None and target.selector not in names(spec):
+                raise InvalidInput(
+                    f"to: Function '{target.function}' has no version or alias '{target.selector}'"
+                )
         job_id = str(uuid.uuid4())
         args: list[object] = []
         where = plan.which.where(args)
@@ -150,14 +163,14 @@ class ReplayRunner:
         pool: Any,
         store: DeadLetterStore,
         publisher: Publisher,
-        functions: Callable[[], Mapping[str, object]],
+        routes: Callable[[], Routes],
         owner: str,
         on_published: Callable[[], None] = lambda: None,
     ) -> None:
         self._pool = pool
         self._store = store
         self._publisher = publisher
-        self._functions = functions
+        self._routes = routes
         self._owner = owner
         self._on_published = on_published
 
@@ -219,21 +232,24 @@ class ReplayRunner:
             await self._mark(job_id, seq, "published")
             return
         target = to or (row["function"] if row is not None else None)
-        if row is None or target is None or target not in self._functions():
+        routes = self._routes()
+        if row is None or target is None or Target.parse(target).function not in routes.functions:
             if row is not None:  # nowhere to send it: leave it as it was
                 await self._store.abandon_replay(dl_id, job_id)
             await self._mark(job_id, seq, "skipped")
             return
         extensions = {"eventhubreplay": job_id, "eventhubreplaycount": str(row["replay_count"])}
-        await self._publisher.publish(
-            Invocation(
-                id=replay_invocation_id(dl_id, job_id),
-                function=target,
-                event=event_of(row).with_extensions(**extensions),
-                binding=row["binding"],
-                replay_of=dl_id,
-            )
+        invocation = Invocation(
+            id=replay_invocation_id(dl_id, job_id),
+            function=target,
+            event=event_of(row).with_extensions(**extensions),
+            binding=row["binding"],
+            replay_of=dl_id,
+            version=row["version"],  # the version that failed, unless ``to`` says otherwise
         )
+        if to is not None:
+            invocation = routes.aim(invocation)
+        await self._publisher.publish(invocation)
         await self._mark(job_id, seq, "published")
         self._on_published()
 

@@ -35,7 +35,7 @@ _COLUMNS = (
     "id, invocation_id, function, binding, event_source, event_id, event_type, attributes, data,"
     " reason, error_code, error_message, attempts, enqueued_at, failed_at, created_at,"
     " updated_at, status, replay_count, dead_letter_function, dlf_status, dlf_error, source_name,"
-    " replay_job"
+    " replay_job, version"
 )
 
 
@@ -44,6 +44,7 @@ class DeadLetterFilter:
     """Which dead letters: every field set must match."""
 
     function: str | None = None
+    version: str | None = None
     binding: str | None = None
     source: str | None = None
     status: str | None = None
@@ -58,6 +59,7 @@ class DeadLetterFilter:
         clauses: list[str] = []
         for column, value in (
             ("function", self.function),
+            ("version", self.version),
             ("binding", self.binding),
             ("source_name", self.source),
             ("status", self.status),
@@ -97,9 +99,10 @@ class DeadLetterStore:
         await self._pool.execute(
             "insert into dead_letters (id, invocation_id, function, binding, event_source,"
             " event_id, event_type, attributes, data, reason, error_code, error_message,"
-            " attempts, enqueued_at, failed_at, dead_letter_function, dlf_status, source_name)"
+            " attempts, enqueued_at, failed_at, dead_letter_function, dlf_status, source_name,"
+            " version)"
             " values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13::jsonb,"
-            " $14, $15, $16, $17, $18)"
+            " $14, $15, $16, $17, $18, $19)"
             " on conflict (id) do nothing",
             record.id,
             _text(record.invocation_id),
@@ -119,6 +122,7 @@ class DeadLetterStore:
             _text(record.dead_letter_function),
             status,
             _text(record.source_name),
+            _text(record.version),
         )
 
     async def dead_letter_function_done(self, dl_id: str, ok: bool, error: str | None) -> None:
@@ -404,6 +408,7 @@ def record_of(row: Any) -> DeadLetterRecord:
         failed_at=row["failed_at"],
         dead_letter_function=row["dead_letter_function"],
         source_name=row["source_name"],
+        version=row["version"],
     )
 
 
@@ -413,6 +418,7 @@ def to_document(row: Any) -> dict[str, Any]:
         "id": str(row["id"]),
         "invocationId": row["invocation_id"],
         "function": row["function"],
+        "version": row["version"],
         "binding": row["binding"],
         "source": row["source_name"],
         "status": row["status"],

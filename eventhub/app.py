@@ -6,8 +6,8 @@ Roles: ``api`` (HTTP ingress and management), ``dispatch`` (JetStream -> functio
 
 Shutdown order (on SIGTERM): stop intake (the HTTP server stops accepting and finishes the
 requests it has), let in-flight invocations finish within ``shutdown_timeout`` and hand the rest
-back to JetStream unacked, flush callbacks, stop following resource changes, drain NATS, close
-Redis and PostgreSQL last.
+back to JetStream unacked, flush callbacks, invocation state and statistics, stop following
+resource changes, drain NATS, close Redis and PostgreSQL last.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from eventhub.routing import Router
 from eventhub.settings import Settings
 from eventhub.sources import PROCESS_ID, ConnectorFactory, SourceSupervisor
 from eventhub.state import InvocationState
+from eventhub.stats import Stats
 from eventhub.store import ResourceStore
 
 log = structlog.get_logger(__name__)
@@ -139,6 +140,7 @@ class Hub:
         self.router = Router(self.store, self.metrics)
         self.queue = InvocationQueue(services.nc, settings)
         self.state = InvocationState(services.redis, settings.namespace, settings.state_ttl)
+        self.stats = Stats(services.redis, settings.namespace)
         self.dead_letters = DeadLetterStore(services.pool)
         self.replays = ReplayJobs(services.pool, self.dead_letters)
         self.ingress = Ingress(self.router, self.queue, self.state, self.metrics)
@@ -153,6 +155,7 @@ class Hub:
             callbacks=self.callbacks,
             settings=settings,
             metrics=self.metrics,
+            stats=self.stats,
         )
         self.supervisor = SourceSupervisor(
             router=self.router,
@@ -181,6 +184,7 @@ class Hub:
         await self.queue.ensure_stream()
         await self.router.reload()
         self._own(self.state.run())
+        self._own(self.stats.run())
         self._own(self._keep_stream())
         self._own(self.router.run(self.settings.database_url.get_secret_value()))
         if Role.DISPATCH in self.roles:
@@ -204,6 +208,7 @@ class Hub:
         await self.callbacks.close(grace=5.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.state.flush(), timeout=5.0)
+        await self.stats.close()  # the last calls' counts (a failure is logged, not raised)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -273,7 +278,7 @@ class Hub:
             pool=self.services.pool,
             store=self.dead_letters,
             publisher=self.queue,
-            functions=lambda: self.router.routes.functions,
+            routes=lambda: self.router.routes,
             owner=PROCESS_ID,
             on_published=started.inc,
         )

@@ -20,6 +20,7 @@ import yaml
 from eventhub import db
 from eventhub.cli_common import T, fail, handled, load_settings
 from eventhub.cli_dlq import dlq
+from eventhub.cli_stats import stats
 from eventhub.logs import configure as configure_logs
 from eventhub.resources import Kind, load_path
 from eventhub.settings import Settings
@@ -32,6 +33,7 @@ def main() -> None:
 
 
 main.add_command(dlq)
+main.add_command(stats)
 
 
 @main.command()
@@ -145,7 +147,7 @@ def get(kind: str, name: str | None, output: str) -> None:
 
 
 def _pausable() -> click.Choice[str]:
-    return click.Choice(["source", "binding"])
+    return click.Choice(["function", "source", "binding"])
 
 
 @main.command()
@@ -153,7 +155,8 @@ def _pausable() -> click.Choice[str]:
 @click.argument("name")
 @handled
 def pause(kind: str, name: str) -> None:
-    """Pause a source (stop taking from it) or a binding (hold its invocations)."""
+    """Pause a function (hold all its invocations, from every source, in the queue), a
+    source (stop taking from it) or a binding (hold its invocations)."""
     _set_paused(kind, name, paused=True)
 
 
@@ -162,13 +165,13 @@ def pause(kind: str, name: str) -> None:
 @click.argument("name")
 @handled
 def resume(kind: str, name: str) -> None:
-    """Resume a paused source or binding; a binding's held invocations are sent on."""
+    """Resume a paused function, source or binding; what was held is sent on."""
     _set_paused(kind, name, paused=False)
 
 
 def _set_paused(kind: str, name: str, *, paused: bool) -> None:
     settings = load_settings()
-    k = Kind.SOURCE if kind == "source" else Kind.BINDING
+    k = {"function": Kind.FUNCTION, "source": Kind.SOURCE}.get(kind, Kind.BINDING)
     asyncio.run(_with_store(settings, lambda store: store.set_paused(k, name, paused)))
     click.echo(f"{k.value}/{name} {'paused' if paused else 'resumed'}")
 
@@ -212,8 +215,9 @@ def _function_status(name: str) -> None:
 
     resource, backlog = asyncio.run(go())
     click.echo(
-        f"Function/{name} maxConcurrency={resource.model.max_concurrency}"
-        f" queued={backlog['queued']} in-flight={backlog['inFlight']}"
+        f"Function/{name} paused={str(resource.paused).lower()}"
+        f" maxConcurrency={resource.model.max_concurrency} queued={backlog['queued']}"
+        f" in-flight={backlog['inFlight']}"
         f" retrying={backlog['retrying']}"
     )
 

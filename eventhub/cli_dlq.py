@@ -25,6 +25,7 @@ from eventhub.errors import Conflict, InvalidInput
 from eventhub.invocations import to_dead_letter_function
 from eventhub.queue import InvocationQueue
 from eventhub.resources import Kind
+from eventhub.routing import Routes
 from eventhub.settings import Settings
 from eventhub.store import ResourceStore
 from eventhub.units import parse_rate, parse_time
@@ -65,6 +66,7 @@ def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
             click.option("--function", help="Only this function's."),
+            click.option("--version", help="Only those that called this version (e.g. v4)."),
             click.option("--binding", help="Only this binding's."),
             click.option("--source", help="Only this source's (messages it could not take)."),
             click.option(
@@ -95,6 +97,7 @@ def _filter(ids: tuple[str, ...], **options: Any) -> DeadLetterFilter:
         return DeadLetterFilter(ids=tuple(_id(i) for i in ids))
     return DeadLetterFilter(
         function=options.get("function"),
+        version=options.get("version"),
         binding=options.get("binding"),
         source=options.get("source"),
         status=options.get("status"),
@@ -206,7 +209,9 @@ def stats(as_json: bool) -> None:
 @handled
 @click.argument("ids", nargs=-1)
 @_filter_options
-@click.option("--to", "to", help="Replay to this function instead (e.g. a fixed version).")
+@click.option(
+    "--to", "to", help="Send them to this target instead: f, f:version or f:alias (e.g. f:v3)."
+)
 @click.option("--rate", default="50/s", show_default=True, help="At most this many per period.")
 @click.option("--dry-run", is_flag=True, help="Show how many would be replayed, and a sample.")
 @click.option("--follow", is_flag=True, help="Show the job's progress until it ends.")
@@ -231,7 +236,7 @@ def replay(
         return
 
     async def create(t: _Tools) -> dict[str, Any]:
-        functions = {r.name: r for r in await t.resources.of_kind(Kind.FUNCTION)}
+        functions = {r.name: r.model for r in await t.resources.of_kind(Kind.FUNCTION)}
         return await t.jobs.create(ReplayPlan(which, to, per_second), functions)
 
     job = _run(settings, create)
@@ -325,13 +330,12 @@ def resend(dead_letter_id: str) -> None:
         record = record_of(await t.store.row(_id(dead_letter_id)))
         if not record.dead_letter_function:
             raise Conflict(f"dead letter '{record.id}' has no dead-letter function")
-        failed = None
-        with contextlib.suppress(Exception):
-            failed = await t.resources.get(Kind.FUNCTION, record.function or "")
-        url = failed.model.url if failed is not None else ""
+        routes = Routes.build(await t.resources.of_kind(Kind.FUNCTION))
+        url = routes.call_url(record.function, record.version)
+        invocation = routes.aim(to_dead_letter_function(record, url, str(uuid.uuid4())))
         async with _queue(settings) as queue:
             await t.store.mark_dead_letter_function_pending(record.id)
-            await queue.publish(to_dead_letter_function(record, url, str(uuid.uuid4())))
+            await queue.publish(invocation)
 
     _run(settings, go)
     click.echo(f"dead letter {dead_letter_id} sent to its dead-letter function again")

@@ -42,13 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -56,12 +55,12 @@ import structlog
 from nats.aio.msg import Msg
 
 from eventhub.callbacks import Callbacks
-from eventhub.errors import DependencyDown, MessageTooLarge, QueueFull
 from eventhub.events import now_rfc3339
-from eventhub.invocations import H_ATTEMPTS, H_ENQUEUED, Invocation, to_dead_letter_function
+from eventhub.invocations import H_ATTEMPTS, H_ENQUEUED, Invocation
 from eventhub.invoker import Invoker
 from eventhub.metrics import Metrics
-from eventhub.ports import DeadLetterRecord, DeadLetterSink, dead_letter_id
+from eventhub.outcomes import H_SETTLED, Delivery, HandedBack, Settler
+from eventhub.ports import DeadLetterSink
 from eventhub.queue import END, InvocationQueue, Puller, keep_pulling
 from eventhub.ratelimit import RateLimiter
 from eventhub.resources import FunctionSpec
@@ -79,9 +78,10 @@ from eventhub.retry import (
 from eventhub.routing import Router, Routes
 from eventhub.settings import Settings
 from eventhub.state import AttemptRecord, InvocationState
+from eventhub.stats import Stats
+from eventhub.versions import version_spec
 
 log = structlog.get_logger(__name__)
-_T = TypeVar("_T")
 # An idle pull request costs a heartbeat message every _PULL_HEARTBEAT s and a new request
 # every _PULL_EXPIRES s, per consumer: long ones keep a hub of 1,000 functions idle. A request
 # lost in a reconnect is replaced within seconds all the same (see Puller.next).
@@ -89,16 +89,9 @@ _PULL_EXPIRES = 120.0
 _RUNNING_AFTER = 0.05
 _PULL_HEARTBEAT = 30.0
 _CONSUMER_SETUPS = 32
-_RESCHEDULE_LATER = 5.0  # seconds before a redelivery tries the retry schedule again
-_OUTAGE_DELAY = 5.0  # seconds before an invocation handed back for an outage is tried again
-_OUTAGE_BACKOFF = (0.5, 5.0)  # waiting in place for a dependency: first and longest pause
-_DEPENDENCY_TIMEOUT = 10.0  # a Redis or PostgreSQL step taking longer counts as an outage
-H_SETTLED = "Eh-Settled"  # an outcome decided, waiting to be written down: see above
-SUCCEEDED = "succeeded"
-
-
-class _HandedBack(Exception):
-    """The message went back through the retry schedule (or ``nak``): nothing more to do."""
+VERSION_GONE = "version-removed"  # the version it was enqueued for is no longer declared
+ROLLED_BACK = "rolled-back"  # its canary was rolled back, and the rollout keeps these aside
+AT_MOST_ONCE = "at-most-once"  # the one call failed; at-most-once delivery allows no other
 
 
 class Dispatcher:
@@ -116,9 +109,12 @@ class Dispatcher:
         callbacks: Callbacks,
         settings: Settings,
         metrics: Metrics,
+        stats: Stats,
     ) -> None:
         self._router = router
-        self._deps = _Deps(queue, invoker, state, limiter, sink, callbacks, settings, metrics)
+        self._deps = Deps(
+            router, queue, invoker, state, limiter, sink, callbacks, settings, metrics, stats
+        )
         # (function, None) pulls the function's consumer; (function, lane) an ordered lane.
         self._workers: dict[tuple[str, int | None], FunctionWorker] = {}
         self._sync_lock = asyncio.Lock()
@@ -180,6 +176,8 @@ class Dispatcher:
         ordered = routes.ordered_functions | {f for f, lane in self._workers if lane is not None}
         wanted: dict[tuple[str, int | None], FunctionSpec] = {}
         for name, spec in routes.functions.items():
+            if name in routes.paused_functions:
+                continue  # its invocations wait in JetStream until it is resumed
             wanted[(name, None)] = spec
             if name in ordered:
                 for lane in range(self._deps.settings.ordered_lanes):
@@ -228,15 +226,16 @@ class Dispatcher:
         metrics = self._deps.metrics
         depths = await self._deps.queue.depths()
         waiting = await self._deps.queue.retries_waiting()
-        for name in {function for function, _ in self._workers}:
+        for name in self._router.routes.functions:
             metrics.queue_depth.labels(name).set(depths.get(name, 0))
             metrics.retries_waiting.labels(name).set(waiting.get(name, 0))
 
 
 @dataclass
-class _Deps:
+class Deps:
     """What every worker of a dispatcher shares."""
 
+    router: Router
     queue: InvocationQueue
     invoker: Invoker
     state: InvocationState
@@ -245,6 +244,11 @@ class _Deps:
     callbacks: Callbacks
     settings: Settings
     metrics: Metrics
+    stats: Stats
+
+    def choose_version(self, invocation: Invocation) -> Invocation:
+        """See :meth:`Routes.aim`."""
+        return self.router.routes.aim(invocation)
 
 
 @dataclass(slots=True)
@@ -255,6 +259,7 @@ class _Call:
     started: float
     invocation_id: str
     attempt: int
+    version: str
     marked: bool = False
 
 
@@ -262,11 +267,12 @@ class FunctionWorker:
     """Pulls one consumer: the function's (up to ``maxConcurrency`` calls at once) or one of
     its ordered lanes (one call at a time, so one key's events stay in order)."""
 
-    def __init__(self, name: str, spec: FunctionSpec, deps: _Deps, lane: int | None = None) -> None:
+    def __init__(self, name: str, spec: FunctionSpec, deps: Deps, lane: int | None = None) -> None:
         self.name = name
-        self.spec = spec
         self.lane = lane
         self._deps = deps
+        self._settle = Settler(name, deps, lane)
+        self.spec = spec
         self._in_flight: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
@@ -276,11 +282,18 @@ class FunctionWorker:
         self._calls: dict[int, _Call] = {}
         self._marking: asyncio.TimerHandle | None = None  # the next _mark_running, if due
         self._rand = random.Random()  # noqa: S311 - jitter, not security
-        m = deps.metrics
-        self._succeeded = m.invocations.labels(name, "succeeded")
-        self._retried = m.invocations.labels(name, "retried")
-        self._retries = m.retries.labels(name)
-        self._duration = m.duration.labels(name)
+        self._duration = functools.lru_cache(maxsize=64)(
+            lambda version: deps.metrics.duration.labels(name, version)
+        )
+
+    @property
+    def spec(self) -> FunctionSpec:
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: FunctionSpec) -> None:
+        self._spec = spec
+        self._settle.function = spec
 
     @property
     def limit(self) -> int:
@@ -352,66 +365,9 @@ class FunctionWorker:
         rate = self.spec.rate_limit
         assert rate is not None  # noqa: S101 - checked by the caller
         limiter = self._deps.limiter
-        wait = await self._until_up(msg, lambda: limiter.reserve(self.name, rate), "rate-limit")
-        await self._keep(msg, wait)
-
-    async def _keep(self, msg: Msg, seconds: float) -> None:
-        """Wait ``seconds``, telling JetStream every third of ``ack_wait`` that ``msg`` is
-        still being worked on."""
-        step = self._deps.settings.ack_wait / 3
-        while seconds > 0:
-            await asyncio.sleep(min(seconds, step))
-            seconds -= step
-            if seconds > 0:
-                await msg.in_progress()
-
-    async def _until_up(self, msg: Msg, step: Callable[[], Awaitable[_T]], what: str) -> _T:
-        """Run a Redis or PostgreSQL step; while it fails, keep ``msg`` and try again with
-        backoff. Nothing is handed back, so nothing counts as an attempt."""
-        pause = _OUTAGE_BACKOFF[0]
-        while True:
-            try:
-                async with asyncio.timeout(_DEPENDENCY_TIMEOUT):
-                    return await step()
-            except Exception as exc:  # Redis or PostgreSQL away: wait for it
-                log.warning(
-                    "dependency_unavailable", step=what, function=self.name, error=_said(exc)
-                )
-            await self._keep(msg, pause)
-            pause = min(pause * 2, _OUTAGE_BACKOFF[1])
-
-    async def _durable(
-        self,
-        msg: Msg,
-        step: Callable[[], Awaitable[_T]],
-        what: str,
-        *,
-        attempts: int,
-        settled: str | None = None,
-    ) -> _T:
-        """Run a PostgreSQL step of a delivery. Should it fail, the message is handed back
-        through the retry schedule with ``attempts`` (the calls really made) and ``settled``
-        (the outcome decided already, if any), and :class:`_HandedBack` is raised. On an
-        ordered lane the message waits in place instead, keeping its key's order."""
-        if self.lane is not None:
-            return await self._until_up(msg, step, what)
-        try:
-            async with asyncio.timeout(_DEPENDENCY_TIMEOUT):
-                return await step()
-        except Exception as exc:  # PostgreSQL away, or refusing: try again later
-            log.warning("dependency_unavailable", step=what, error=_said(exc), handed_back=True)
-            await self._hand_back(msg, attempts, settled)
-            raise _HandedBack from exc
-
-    async def _hand_back(self, msg: Msg, attempts: int, settled: str | None) -> None:
-        """Store the invocation's next message in the retry schedule, due in a few seconds,
-        with the attempts really made: an outage spends none. Should the schedule be
-        unavailable too, ``nak`` with a delay (that delivery then counts as an attempt)."""
-        delay = _OUTAGE_DELAY * (0.5 + self._rand.random())  # spread the returns
-        due_ms = int((time.time() + delay) * 1000)
-        extra = {H_SETTLED: settled} if settled else None
-        if not await self._schedule(msg, due_ms, attempts, extra):
-            await msg.nak(delay=delay)
+        settle = self._settle
+        wait = await settle.until_up(msg, lambda: limiter.reserve(self.name, rate), "rate-limit")
+        await settle.keep(msg, wait)
 
     async def _wait_for_room(self) -> int:
         while len(self._in_flight) >= self.limit:
@@ -453,168 +409,108 @@ class FunctionWorker:
         if H_ENQUEUED in headers:  # a retry: its age counts from the first enqueue
             enqueued = datetime.fromtimestamp(int(headers[H_ENQUEUED]) / 1000, UTC)
         age = (datetime.now(UTC) - enqueued).total_seconds()
+        invocation = self._redirected(invocation)
+        delivery = Delivery(msg, invocation, version_spec(self.spec, invocation.version), enqueued)
         # Each message is handled in a task of its own, whose context is a copy: what is bound
         # here needs no unbinding.
         structlog.contextvars.bind_contextvars(
             invocation_id=invocation.id,
             function=self.name,
+            version=invocation.version,
             binding=invocation.binding,
             event_id=invocation.event.id,
             source=invocation.event.source,
             attempt=attempt,
         )
         try:
-            await self._attempt(msg, invocation, attempt, age, enqueued)
-        except _HandedBack:
+            await self._attempt(delivery, attempt, age)
+        except HandedBack:
             return  # back in the retry schedule, said where it happened
         except asyncio.CancelledError:
-            # Not done: hand the message back at once instead of waiting for ack_wait.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(msg.nak())
+            if not delivery.acked:
+                # Not done: hand the message back at once instead of waiting for ack_wait.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(msg.nak())
             raise
 
-    async def _attempt(
-        self, msg: Msg, invocation: Invocation, attempt: int, age: float, enqueued: datetime
-    ) -> None:
-        spec = self.spec
-        if attempt > 1 and await self._already_dead(msg, invocation, spec, attempt):
+    def _redirected(self, invocation: Invocation) -> Invocation:
+        """An invocation queued through an alias for a canary since rolled back, whose rollout
+        sends such invocations to the stable version: the stable version's, from now on."""
+        if invocation.alias is None:
+            return invocation
+        withdrawn = self._deps.router.routes.overrides.withdrawn
+        found = withdrawn.get((self.name, invocation.alias, invocation.version))
+        if found is None or found.action != "stable":
+            return invocation
+        return dataclasses.replace(invocation, version=found.stable)
+
+    def _rolled_back(self, invocation: Invocation) -> bool:
+        """Queued through an alias for a canary whose rollout keeps them as dead letters."""
+        if invocation.alias is None:
+            return False
+        withdrawn = self._deps.router.routes.overrides.withdrawn
+        found = withdrawn.get((self.name, invocation.alias, invocation.version))
+        return found is not None and found.action == "dead-letter"
+
+    async def _attempt(self, d: Delivery, attempt: int, age: float) -> None:
+        settle, msg = self._settle, d.msg
+        at_most_once = self.spec.delivery == "at-most-once"
+        if attempt > 1 and await settle.already_dead(d, attempt):
             return
-        if self.lane is None and msg.metadata.num_delivered > 1:
-            await self._reschedule(msg, attempt)
+        if self.lane is None and msg.metadata.num_delivered > 1 and not at_most_once:
+            await settle.reschedule(msg, attempt)
             return
         settled = (msg.headers or {}).get(H_SETTLED)
         if settled:
-            await self._write_down(msg, invocation, spec, settled, attempt - 1, enqueued)
+            await settle.write_down(d, settled, attempt - 1)
             return
-        if expired(age, spec.max_event_age) or attempt > spec.retry.max_attempts:
-            reason = EXPIRED if expired(age, spec.max_event_age) else EXHAUSTED
-            await self._give_up(msg, invocation, spec, reason, None, enqueued, attempt - 1)
+        if d.call is None or self._rolled_back(d.invocation):
+            reason = VERSION_GONE if d.call is None else ROLLED_BACK
+            await settle.give_up(d, reason, None, attempt - 1)
             return
+        call = d.call
+        if expired(age, call.max_event_age) or attempt > call.retry.max_attempts:
+            reason = EXPIRED if expired(age, call.max_event_age) else EXHAUSTED
+            await settle.give_up(d, reason, None, attempt - 1)
+            return
+        if at_most_once:
+            # Acknowledged (and the ack confirmed) before the call: never called twice.
+            await msg.ack_sync()
+            d.acked = True
         started_at = now_rfc3339()
-        outcome = await self._call(msg, invocation, spec, attempt)
-        record = AttemptRecord.of(attempt, started_at, outcome)
-        self._duration.observe(outcome.latency)
+        outcome = await self._call(d, attempt)
+        record = AttemptRecord.of(attempt, started_at, outcome, d.version)
+        self._duration(d.version).observe(outcome.latency)
         decision = decide(
             outcome,
             attempt=attempt,
             age=age + outcome.latency,
-            policy=spec.retry,
-            max_event_age=spec.max_event_age,
+            policy=call.retry,
+            max_event_age=call.max_event_age,
             rand=self._rand.random,
         )
+        self._deps.stats.call(self.name, d.version, isinstance(decision, Ack), outcome.latency)
         if isinstance(decision, Ack):
-            await self._succeed(msg, invocation, record, outcome, attempt)
+            await settle.succeed(d, record, outcome, attempt)
+        elif at_most_once:
+            await settle.give_up(d, AT_MOST_ONCE, record, attempt)
         elif isinstance(decision, Retry):
-            await self._deps.state.finished(invocation.id, self.name, "retrying", record)
-            await self._retry(msg, attempt, decision.delay)
-            self._retries.inc()
-            self._retried.inc()
+            await settle.retry(d, record, decision.delay)
             log.info("invocation_retrying", code=outcome.code, delay=round(decision.delay, 3))
         elif isinstance(decision, DeadLetter):
-            await self._give_up(msg, invocation, spec, decision.reason, record, enqueued, attempt)
+            await settle.give_up(d, decision.reason, record, attempt)
 
-    async def _write_down(
-        self,
-        msg: Msg,
-        invocation: Invocation,
-        spec: FunctionSpec,
-        settled: str,
-        attempts: int,
-        enqueued: datetime,
-    ) -> None:
-        """An outcome decided before PostgreSQL went away: written down now, without a call.
-        Its last attempt was recorded in the invocation state when it was handed back."""
-        history = await self._deps.state.attempts(invocation.id)
-        last = AttemptRecord.from_json(history[-1]) if history else None
-        if settled == SUCCEEDED:
-            outcome = Outcome(status=last.status, error=last.error) if last else Outcome(200)
-            await self._succeed(msg, invocation, last, outcome, attempts, recorded=True)
-        else:
-            await self._give_up(msg, invocation, spec, settled, last, enqueued, attempts, True)
-
-    async def _succeed(
-        self,
-        msg: Msg,
-        invocation: Invocation,
-        record: AttemptRecord | None,
-        outcome: Outcome,
-        attempts: int,
-        recorded: bool = False,
-    ) -> None:
-        deps = self._deps
-        if invocation.dead_letter_id or invocation.replay_of:
-            if record is not None and not recorded:  # kept, should PostgreSQL be away
-                await deps.state.attempted(invocation.id, self.name, record)
-                recorded = True
-            await self._durable(
-                msg,
-                lambda: self._record_success(invocation, record),
-                "success",
-                attempts=attempts,
-                settled=SUCCEEDED,
-            )
-        await msg.ack()
-        self._succeeded.inc()
-        if recorded:
-            await deps.state.settled(invocation.id, self.name, "succeeded")
-        elif record is not None:
-            await deps.state.finished(invocation.id, self.name, "succeeded", record)
-        deps.callbacks.send(invocation, "succeeded", outcome)
-
-    async def _record_success(self, invocation: Invocation, record: AttemptRecord | None) -> None:
-        deps = self._deps
-        if invocation.dead_letter_id:
-            await deps.sink.dead_letter_function_done(invocation.dead_letter_id, True, None)
-        if invocation.replay_of:
-            history = [record.to_json()] if record else []
-            await deps.sink.replay_finished(invocation.replay_of, True, history, None)
-            deps.metrics.replays.labels("succeeded").inc()
-
-    async def _retry(self, msg: Msg, attempt: int, delay: float) -> None:
-        """Wait for the next attempt in the retry schedule, which holds no slot; on an ordered
-        lane, wait on the lane (a retry holds back its key's later events)."""
-        due_ms = int((time.time() + delay) * 1000)
-        if self.lane is None and await self._schedule(msg, due_ms, attempt):
-            return
-        await msg.nak(delay=delay)
-
-    async def _reschedule(self, msg: Msg, attempt: int) -> None:
-        """A message delivered again (its holder crashed or handed it back) is not called:
-        the delivery before may have stored the invocation's next message in the schedule
-        already, between that PubAck and its ack. Scheduling it again, due now, under the same
-        id (see :mod:`eventhub.retries`) settles it: JetStream keeps one of the two, and the
-        invocation goes on from there, the delivery cut short counted as an attempt. Should the
-        schedule be unavailable, the message is handed back for later, still uncalled: a call
-        here could run beside the stored next message and exceed the retry budget."""
-        if await self._schedule(msg, int(time.time() * 1000), attempt - 1):
-            log.info("invocation_redelivered", rescheduled=True)
-        else:
-            await msg.nak(delay=_RESCHEDULE_LATER)
-
-    async def _schedule(
-        self, msg: Msg, due_ms: int, attempts: int, extra: dict[str, str] | None = None
-    ) -> bool:
-        """Store the invocation's next message in the retry schedule (with ``extra`` headers),
-        then ack ``msg``; False (``msg`` untouched) when the schedule cannot take it."""
-        try:
-            await self._deps.queue.schedule_retry(msg, self.name, due_ms, attempts, extra)
-        except (QueueFull, DependencyDown) as exc:
-            log.warning("retry_schedule_unavailable", error=str(exc))
-            return False
-        await msg.ack()
-        return True
-
-    async def _call(
-        self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int
-    ) -> Outcome:
+    async def _call(self, d: Delivery, attempt: int) -> Outcome:
+        msg, invocation, call = d.msg, d.invocation, d.call
+        assert call is not None  # noqa: S101 - checked by the caller
         started = time.monotonic()
-        self._calls[id(msg)] = _Call(msg, started, invocation.id, attempt)
+        self._calls[id(msg)] = _Call(msg, started, invocation.id, attempt, d.version)
         if self._marking is None:
             self._marking = asyncio.get_running_loop().call_at(
                 started + _RUNNING_AFTER, self._mark_running
             )
         try:
-            return await self._deps.invoker.invoke(invocation, spec, attempt)
+            return await self._deps.invoker.invoke(invocation, call, attempt)
         finally:
             del self._calls[id(msg)]
 
@@ -630,7 +526,7 @@ class FunctionWorker:
                 continue
             if call.started <= cutoff:
                 call.marked = True
-                self._deps.state.running(call.invocation_id, self.name, call.attempt)
+                self._deps.state.running(call.invocation_id, self.name, call.attempt, call.version)
             elif next_start is None or call.started < next_start:
                 next_start = call.started
         if next_start is not None:
@@ -648,141 +544,3 @@ class FunctionWorker:
             for msg in [c.msg for c in self._calls.values() if c.started <= cutoff]:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.in_progress()
-
-    async def _to_dead_letter_function(
-        self, msg: Msg, record: DeadLetterRecord, spec: FunctionSpec, invocation: Invocation
-    ) -> None:
-        try:
-            await self._deps.queue.publish(
-                to_dead_letter_function(
-                    record,
-                    spec.url,
-                    dead_letter_id(record.id),
-                    traceparent=invocation.traceparent,
-                    tracestate=invocation.tracestate,
-                )
-            )
-        except MessageTooLarge as exc:
-            # It can never fit (a very long URL): recorded on the stored dead letter, no retry.
-            log.warning("dead_letter_function_too_large", dead_letter_id=record.id)
-            try:
-                await self._deps.sink.dead_letter_function_done(
-                    record.id, False, f"too-large: {exc}"
-                )
-            except Exception:
-                await msg.nak(delay=5.0)  # PostgreSQL away: the redelivery records it
-                raise
-        except Exception:
-            # The dead letter is stored; the message stays ours so the delivery is retried.
-            await msg.nak(delay=5.0)
-            raise
-
-    async def _already_dead(
-        self, msg: Msg, invocation: Invocation, spec: FunctionSpec, attempt: int
-    ) -> bool:
-        """A redelivery of an invocation whose dead letter is stored (the ack was lost, or the
-        dead-letter function's publish failed): never invoke it again, only finish the job.
-        While PostgreSQL cannot say, the message is handed back (see :meth:`_durable`)."""
-        if invocation.dead_letter_id or invocation.replay_of:
-            return False
-        sink = self._deps.sink
-        found = await self._durable(
-            msg,
-            lambda: sink.find(dead_letter_id(invocation.id)),
-            "dead-letter check",
-            attempts=attempt - 1,
-            settled=(msg.headers or {}).get(H_SETTLED),
-        )
-        if found is None:
-            return False
-        record, dlf_status = found
-        if dlf_status == "pending" and record.dead_letter_function:
-            await self._to_dead_letter_function(msg, record, spec, invocation)
-        await msg.ack()
-        return True
-
-    async def _give_up(
-        self,
-        msg: Msg,
-        invocation: Invocation,
-        spec: FunctionSpec,
-        reason: str,
-        last: AttemptRecord | None,
-        enqueued: datetime,
-        attempts: int,
-        recorded: bool = False,
-    ) -> None:
-        """Store the dead letter, then ack. ``attempts``: the calls made so far; ``recorded``:
-        ``last`` is in the invocation state already (an outcome written down late)."""
-        deps = self._deps
-        if last is not None and not recorded:  # kept, should PostgreSQL be away
-            await deps.state.attempted(invocation.id, self.name, last)
-        durably = functools.partial(self._durable, msg, attempts=attempts, settled=reason)
-        if invocation.dead_letter_id:
-            # A delivery to a dead-letter function failed: recorded on its dead letter, no more.
-            error = f"{reason}: {last.error or last.status}" if last else reason
-            dl = invocation.dead_letter_id
-            await durably(lambda: deps.sink.dead_letter_function_done(dl, False, error), "failure")
-            await msg.ack()
-            deps.metrics.invocations.labels(self.name, "failed").inc()
-            await deps.state.settled(invocation.id, self.name, "failed")
-            return
-        history = await deps.state.attempts(invocation.id)
-        if last is not None and last.to_json() not in history:
-            history.append(last.to_json())
-        failure = (_error_code(last, reason), _error_message(last, reason))
-        if invocation.replay_of:
-            # A replay that failed: its attempts go to the dead letter it replayed, no new row.
-            replayed = invocation.replay_of
-            await durably(
-                lambda: deps.sink.replay_finished(replayed, False, history, failure), "replay"
-            )
-            await msg.ack()
-            deps.metrics.replays.labels("failed").inc()
-            await deps.state.settled(invocation.id, self.name, "dead-lettered")
-            return
-        dl_id = dead_letter_id(invocation.id)
-        record = DeadLetterRecord(
-            id=dl_id,
-            invocation_id=invocation.id,
-            function=self.name,
-            binding=invocation.binding,
-            event=invocation.event,
-            reason=reason,
-            error_code=failure[0],
-            error_message=failure[1],
-            attempts=history,
-            enqueued_at=enqueued,
-            failed_at=datetime.now(UTC),
-            dead_letter_function=spec.dead_letter.function if spec.dead_letter else None,
-        )
-        await durably(lambda: deps.sink.store(record), "dead letter")
-        if record.dead_letter_function:
-            await self._to_dead_letter_function(msg, record, spec, invocation)
-        await msg.ack()
-        deps.metrics.dead_letters.labels(self.name, reason).inc()
-        deps.metrics.invocations.labels(self.name, "dead_lettered").inc()
-        log.warning("invocation_dead_lettered", reason=reason, dead_letter_id=dl_id)
-        await deps.state.settled(invocation.id, self.name, "dead-lettered", deadLetterId=dl_id)
-        last_outcome = (
-            Outcome(status=last.status, error=last.error) if last else Outcome(error=reason)
-        )
-        deps.callbacks.send(invocation, "dead-lettered", last_outcome)
-
-
-def _said(exc: BaseException) -> str:
-    return str(exc) or repr(exc)
-
-
-def _error_code(last: AttemptRecord | None, reason: str) -> str:
-    if last is None:
-        return reason
-    return f"http-{last.status}" if last.status is not None else (last.error or "error")
-
-
-def _error_message(last: AttemptRecord | None, reason: str) -> str:
-    if last is None:
-        return f"{reason} before the attempt could be made"
-    if last.status is not None:
-        return f"{reason}: the function answered HTTP {last.status}"
-    return f"{reason}: {last.message or last.error}"

@@ -30,6 +30,7 @@ from eventhub.queue import InvocationQueue
 from eventhub.routing import Router
 from eventhub.sizes import INGRESS_RESERVE
 from eventhub.state import InvocationState
+from eventhub.versions import Target, names
 
 INVOKE_SOURCE = "/eventhub/invocations"
 _DEPTH_TTL = 1.0
@@ -78,18 +79,26 @@ class Ingress:
             if not matched:
                 unrouted += 1
             for route in matched:
+                inv_id = event_invocation_id(event, route.binding)
+                key = event.attributes.get("partitionkey", "") if route.ordered else None
+                # One key's events stay on one version (keys hashed per function).
+                choice = routes.choose(
+                    route.function,
+                    route.selector,
+                    inv_id if key is None else f"{route.function}\x00{key}",
+                )
                 invocations.append(
                     Invocation(
-                        id=event_invocation_id(event, route.binding),
+                        id=inv_id,
                         function=route.function,
                         event=event,
                         binding=route.binding,
                         traceparent=traceparent or new_traceparent(),
                         tracestate=tracestate,
                         held=route.paused,
-                        ordering_key=(
-                            event.attributes.get("partitionkey", "") if route.ordered else None
-                        ),
+                        ordering_key=key,
+                        version=choice.version,
+                        alias=choice.alias,
                     )
                 )
         self._events_in(source).inc(len(events))
@@ -98,7 +107,9 @@ class Ingress:
         if invocations:
             await self._queue.publish_all(invocations, reserve=INGRESS_RESERVE)
             if record_queued:
-                await self._state.queued([(i.id, i.function) for i in invocations], owner=caller)
+                await self._state.queued(
+                    [(i.id, i.function, i.version) for i in invocations], owner=caller
+                )
             # One metric update per function, not per invocation (a hot path for sources).
             if len(invocations) == 1:
                 self._enqueued(invocations[0].function).inc()
@@ -134,10 +145,16 @@ class Ingress:
         trace: Trace = Trace(),
         caller: str | None = None,
     ) -> Invocation:
-        """Enqueue one invocation of ``function``. ``caller`` (a token id) owns it: its
-        ``idempotency_key`` is scoped to that caller, and only it may read the state."""
-        if function not in self._router.routes.functions:
+        """Enqueue one invocation of ``function`` (``f``, ``f:version`` or ``f:alias``).
+        ``caller`` (a token id) owns it: its ``idempotency_key`` is scoped to that caller, and
+        only it may read the state."""
+        target = Target.parse(function)
+        function = target.function
+        routes = self._router.routes
+        if function not in routes.functions:
             raise NotFound(f"Function '{function}' does not exist")
+        if target.selector is not None and target.selector not in names(routes.functions[function]):
+            raise NotFound(f"Function '{function}' has no version or alias '{target.selector}'")
         inv_id = (
             keyed_invocation_id(function, idempotency_key, caller or "")
             if idempotency_key
@@ -156,6 +173,7 @@ class Ingress:
         }
         if content_type:
             attributes["datacontenttype"] = content_type
+        choice = routes.choose(function, target.selector, inv_id)
         invocation = Invocation(
             id=inv_id,
             function=function,
@@ -163,9 +181,11 @@ class Ingress:
             callback_url=callback_url,
             traceparent=trace.traceparent or new_traceparent(),
             tracestate=trace.tracestate,
+            version=choice.version,
+            alias=choice.alias,
         )
         self._events_in("invoke").inc()
         await self._queue.publish(invocation, reserve=INGRESS_RESERVE)
-        await self._state.queued([(inv_id, function)], owner=caller)
+        await self._state.queued([(inv_id, function, choice.version)], owner=caller)
         self._enqueued(function).inc()
         return invocation

@@ -12,6 +12,8 @@ for byte. eventhub's own headers ride beside them:
 ``Eh-Dead-Letter``     set on a delivery to a dead-letter function: the dead letter's id
 ``Eh-Ordering-Key``    set by an ordered binding: the event's ``partitionkey`` (may be empty)
 ``Eh-Replay-Of``       set on a replay: the dead letter it replays
+``Eh-Version``         the version to call, chosen at enqueue (absent: ``latest``)
+``Eh-Alias``           the alias the version was chosen through, if any
 ``traceparent``        W3C trace context, passed on to the function
 ``Eh-Attempts``        on a retry: the attempts made before this message (absent: none)
 ``Eh-Enqueued``        on a retry: when the invocation was first enqueued (Unix ms)
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 
 from eventhub.events import Event
 from eventhub.ports import DeadLetterRecord
+from eventhub.versions import LATEST
 
 _IDS = uuid.UUID("6f1c2f7e-3a0b-4c55-9a52-5e0c6b1de001")
 _IDS_BYTES = _IDS.bytes
@@ -45,6 +48,8 @@ H_CALLBACK = "Eh-Callback"
 H_DEAD_LETTER = "Eh-Dead-Letter"
 H_ORDERING_KEY = "Eh-Ordering-Key"
 H_REPLAY_OF = "Eh-Replay-Of"
+H_VERSION = "Eh-Version"
+H_ALIAS = "Eh-Alias"
 H_TRACEPARENT = "traceparent"
 H_TRACESTATE = "tracestate"
 H_ATTEMPTS = "Eh-Attempts"
@@ -89,6 +94,8 @@ class Invocation:
     held: bool = False  # its binding is paused: kept aside until the binding resumes
     ordering_key: str | None = None  # set for an ordered binding
     replay_of: str | None = None  # the dead letter this invocation replays
+    version: str = LATEST  # the version to call (no header: latest)
+    alias: str | None = None  # the alias the version was chosen through
 
     def headers(self) -> dict[str, str]:
         headers = self.event.binary_headers()
@@ -102,6 +109,8 @@ class Invocation:
             (H_CALLBACK, self.callback_url),
             (H_DEAD_LETTER, self.dead_letter_id),
             (H_REPLAY_OF, self.replay_of),
+            (H_VERSION, self.version if self.version != LATEST else None),
+            (H_ALIAS, self.alias),
             (H_TRACESTATE, self.tracestate),
         ):
             if value:
@@ -121,6 +130,8 @@ class Invocation:
             tracestate=headers.get(H_TRACESTATE),
             ordering_key=headers.get(H_ORDERING_KEY),
             replay_of=headers.get(H_REPLAY_OF),
+            version=headers.get(H_VERSION) or LATEST,
+            alias=headers.get(H_ALIAS),
         )
 
 

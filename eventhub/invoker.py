@@ -26,7 +26,7 @@ import aiohttp
 
 from eventhub.events import STRUCTURED
 from eventhub.invocations import Invocation
-from eventhub.resources import FunctionSpec
+from eventhub.resources import VersionSpec
 from eventhub.retry import Outcome
 
 EXCERPT_BYTES = 1024
@@ -38,7 +38,7 @@ class Invoker:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
 
-    async def invoke(self, invocation: Invocation, spec: FunctionSpec, attempt: int) -> Outcome:
+    async def invoke(self, invocation: Invocation, spec: VersionSpec, attempt: int) -> Outcome:
         headers, body = request_for(invocation, spec, attempt)
         started = time.monotonic()
         try:
@@ -84,7 +84,7 @@ def _timeout(seconds: float) -> aiohttp.ClientTimeout:
 
 
 def request_for(
-    invocation: Invocation, spec: FunctionSpec, attempt: int
+    invocation: Invocation, spec: VersionSpec, attempt: int
 ) -> tuple[dict[str, str], bytes]:
     event = invocation.event
     if spec.event_format == "structured":

@@ -26,19 +26,22 @@ class Metrics:
         )
         self.invocations = Counter(
             "eventhub_invocations",
-            "Invocation attempts by outcome (succeeded, retried, dead_lettered)",
-            ["function", "outcome"],
+            "Invocation attempts by version and outcome (succeeded, retried, dead_lettered)",
+            ["function", "version", "outcome"],
             registry=r,
         )
         self.duration = Histogram(
             "eventhub_invocation_duration_seconds",
-            "Duration of one HTTP call to a function",
-            ["function"],
+            "Duration of one HTTP call to a function, by version",
+            ["function", "version"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=r,
         )
         self.retries = Counter(
-            "eventhub_retries", "Attempts that will be retried", ["function"], registry=r
+            "eventhub_retries",
+            "Attempts that will be retried, by version",
+            ["function", "version"],
+            registry=r,
         )
         self.dead_letters = Counter(
             "eventhub_dead_letters",

@@ -37,6 +37,7 @@ class DeadLetterRecord:
     failed_at: datetime
     dead_letter_function: str | None
     source_name: str | None = None
+    version: str = "latest"  # the version of the function that was called
 
 
 class DeadLetterSink(Protocol):

@@ -240,6 +240,28 @@ class InvocationQueue:
             "retrying": sum((waiting.state.subjects or {}).values()),
         }
 
+    async def oldest_waiting(self, function: str) -> float | None:
+        """Seconds the oldest invocation waiting in the function's queue (delivered to no
+        process yet) has been there; None when none waits. It is the first message on the
+        function's subject after the last one its consumer delivered (the queue is FIFO)."""
+        try:
+            info = await self._js.consumer_info(self.stream, self._consumer(function, None))
+            if not info.num_pending:
+                return None
+            msg = await self._js.get_msg(
+                self.stream,
+                (info.delivered.stream_seq or 0) + 1,
+                subject=self._settings.subject_for(function),
+                next=True,
+            )
+        except nats.js.errors.NotFoundError:  # no consumer, or taken meanwhile
+            return None
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise DependencyDown(f"JetStream is unavailable: {type(exc).__name__}") from exc
+        if msg.time is None:
+            return None
+        return max(0.0, time.time() - msg.time.timestamp())
+
     async def publish(self, invocation: Invocation, *, reserve: int = RETRY_RESERVE) -> bool:
         """Store one invocation durably; False when JetStream saw it already (duplicate).
         Raises MessageTooLarge, sending nothing, unless it fits with ``reserve`` bytes to spare

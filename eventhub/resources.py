@@ -13,6 +13,7 @@ a problem is reported with the file, the resource and the field (``spec.retry.ma
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from eventhub import yamlload
+from eventhub import versions, yamlload
 from eventhub.errors import FieldProblem, ResourceInvalid
 from eventhub.filters import FilterError, compile_filters
 from eventhub.sourcespecs import SourceTypeSpec
@@ -41,6 +42,8 @@ from eventhub.units import Rate, parse_duration, parse_rate
 
 API_VERSION = "eventhub/v1"
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_NAME = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+TARGET_PATTERN = rf"^{_NAME}(:{_NAME})?$"  # a function, then maybe ':' and a version or alias
 API_SOURCE = "api"
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -76,29 +79,27 @@ _HEADER_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class DeadLetterSpec(_Spec):
-    function: str = Field(pattern=NAME_PATTERN)
+    function: str = Field(pattern=TARGET_PATTERN)
 
 
-class FunctionSpec(_Spec):
-    url: str
+def _check_url(value: str) -> str:
+    from yarl import URL
+
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    return value
+
+
+class _CallSpec(_Spec):
+    """How a version is called: shared by a Function's top level (its ``latest`` version) and
+    each of its named versions."""
+
     timeout: Duration = 30.0
-    max_concurrency: int = Field(default=10, ge=1, le=10_000)
-    rate_limit: Rate | None = None
     retry: RetrySpec = RetrySpec()
     max_event_age: Duration = 6 * 3600.0
-    dead_letter: DeadLetterSpec | None = None
     event_format: Literal["binary", "structured"] = "binary"
     headers: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        from yarl import URL
-
-        url = URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an absolute http:// or https:// URL")
-        return value
 
     @field_validator("headers")
     @classmethod
@@ -111,11 +112,6 @@ class FunctionSpec(_Spec):
                 raise ValueError(f"'{name}': the value must not contain control characters")
         return value
 
-    @field_validator("rate_limit", mode="before")
-    @classmethod
-    def _parse_rate(cls, value: object) -> object:
-        return parse_rate(value) if isinstance(value, str) else value
-
     @field_validator("timeout")
     @classmethod
     def _positive_timeout(cls, value: float) -> float:
@@ -124,9 +120,64 @@ class FunctionSpec(_Spec):
         return value
 
 
+class VersionSpec(_CallSpec):
+    """One version of a function: its URL and how it is called. Immutable once stored."""
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return _check_url(value)
+
+
+_VERSION_NAME = Annotated[str, Field(pattern=NAME_PATTERN)]
+_WEIGHT = Annotated[int, Field(ge=0, le=100)]
+
+
+class FunctionSpec(_CallSpec):
+    # The version "latest"; optional when named versions are declared.
+    url: str | None = None
+    versions: dict[_VERSION_NAME, VersionSpec] = Field(default_factory=dict)
+    # An alias: one version's name, or versions with integer weights adding up to 100.
+    aliases: dict[_VERSION_NAME, _VERSION_NAME | dict[_VERSION_NAME, _WEIGHT]] = Field(
+        default_factory=dict
+    )
+    default: str = "latest"  # what a plain function name calls: a version or an alias
+    max_concurrency: int = Field(default=10, ge=1, le=10_000)  # shared by every version
+    rate_limit: Rate | None = None  # shared by every version
+    dead_letter: DeadLetterSpec | None = None
+    # at-most-once: acknowledged before the call; never retried, never redelivered.
+    delivery: Literal["at-least-once", "at-most-once"] = "at-least-once"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value)
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _parse_rate(cls, value: object) -> object:
+        return parse_rate(value) if isinstance(value, str) else value
+
+    @functools.cached_property
+    def latest(self) -> VersionSpec | None:
+        """The top-level settings as a version (None without a top-level ``url``)."""
+        if self.url is None:
+            return None
+        return VersionSpec(
+            url=self.url,
+            timeout=self.timeout,
+            retry=self.retry,
+            max_event_age=self.max_event_age,
+            event_format=self.event_format,
+            headers=self.headers,
+        )
+
+
 class BindingSpec(_Spec):
     source: str = Field(pattern=NAME_PATTERN)
-    function: str = Field(pattern=NAME_PATTERN)
+    function: str = Field(pattern=TARGET_PATTERN)  # f, f:version or f:alias
     # Validated by eventhub.filters in parse_resource, which names the exact path.
     filter: list[Any] = Field(default_factory=list)
     # ordered: events with the same ``partitionkey`` are invoked one after another.
@@ -162,8 +213,7 @@ class Resource:
             "metadata": metadata,
             "spec": dict(self.spec),
         }
-        if self.kind is not Kind.FUNCTION:
-            doc["status"] = {"paused": self.paused}
+        doc["status"] = {"paused": self.paused}
         return doc
 
 
@@ -216,6 +266,8 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
             for err in exc.errors()
         )
         raise ResourceInvalid(origin=origin, kind=label, name=name, problems=problems) from None
+    if isinstance(model, FunctionSpec) and (found := versions.problems(model)):
+        raise ResourceInvalid(origin=origin, kind=label, name=name, problems=tuple(found))
     if isinstance(model, BindingSpec):
         try:
             compile_filters(model.filter, path="spec.filter")

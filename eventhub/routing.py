@@ -18,6 +18,7 @@ other resource keeps routing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -27,9 +28,20 @@ import structlog
 
 from eventhub.events import Event
 from eventhub.filters import Predicate, canonical_string, compile_filters, required_value
+from eventhub.invocations import Invocation
 from eventhub.metrics import Metrics
 from eventhub.resources import BindingSpec, FunctionSpec, Kind, Resource
 from eventhub.store import InvalidResource, ResourceStore
+from eventhub.versions import (
+    LATEST,
+    Choice,
+    Overrides,
+    Target,
+    Weights,
+    alias_weights,
+    choose,
+    version_spec,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +51,7 @@ class Route:
     binding: str
     function: str
     matches: Predicate
+    selector: str | None = None  # the version or alias named after the function, if any
     paused: bool = False  # a paused binding's invocations are held, not dispatched
     ordered: bool = False  # same partitionkey: one after another
     event_type: str | None = None  # the only event type the filter can match, if it says so
@@ -76,6 +89,10 @@ class Routes:
     functions: dict[str, FunctionSpec] = field(default_factory=dict)
     sources: dict[str, Resource] = field(default_factory=dict)
     by_source: dict[str, tuple[Route, ...]] = field(default_factory=dict)
+    # Per function, each alias's weights in force (declared, or set by a running rollout).
+    weights: dict[str, dict[str, Weights]] = field(default_factory=dict)
+    paused_functions: frozenset[str] = frozenset()  # held in JetStream, not dispatched
+    overrides: Overrides = field(default_factory=Overrides)
     # Each binding's route with the spec and pause it was built from, for the next build.
     built: dict[str, tuple[Mapping[str, Any], bool, Route]] = field(
         default_factory=dict, repr=False, compare=False
@@ -87,18 +104,30 @@ class Routes:
         object.__setattr__(self, "_index", index)
 
     @classmethod
-    def build(cls, resources: list[Resource], previous: Routes | None = None) -> Routes:
+    def build(
+        cls,
+        resources: list[Resource],
+        previous: Routes | None = None,
+        overrides: Overrides | None = None,
+    ) -> Routes:
         """The routes of ``resources``. A binding whose spec and pause are those it had in
         ``previous`` keeps its route, filter compiled: the periodic reload of a hub with
-        10,000 bindings then compiles none."""
+        10,000 bindings then compiles none. ``overrides``: alias weights set by rollouts."""
         known = previous.built if previous is not None else {}
+        overrides = overrides or Overrides()
         built: dict[str, tuple[Mapping[str, Any], bool, Route]] = {}
         functions: dict[str, FunctionSpec] = {}
+        weights: dict[str, dict[str, Weights]] = {}
+        paused: set[str] = set()
         sources: dict[str, Resource] = {}
         by_source: dict[str, list[Route]] = {}
         for r in resources:
             if r.kind is Kind.FUNCTION:
                 functions[r.name] = r.model
+                if r.model.aliases:
+                    weights[r.name] = alias_weights(r.model) | overrides.of(r.name, r.model)
+                if r.paused:
+                    paused.add(r.name)
             elif r.kind is Kind.SOURCE:
                 sources[r.name] = r
         for r in sorted(resources, key=lambda r: r.name):
@@ -108,17 +137,51 @@ class Routes:
                 if old is not None and old[1] == r.paused and old[0] == r.spec:
                     route = old[2]
                 else:
+                    target = Target.parse(spec.function)
                     route = Route(
                         r.name,
-                        spec.function,
+                        target.function,
                         compile_filters(spec.filter),
+                        target.selector,
                         r.paused,
                         spec.ordering == "ordered",
                         required_value(spec.filter, "type"),
                     )
                 built[r.name] = (r.spec, r.paused, route)
                 by_source.setdefault(spec.source, []).append(route)
-        return cls(functions, sources, {k: tuple(v) for k, v in by_source.items()}, built)
+        return cls(
+            functions,
+            sources,
+            {k: tuple(v) for k, v in by_source.items()},
+            weights,
+            frozenset(paused),
+            overrides,
+            built,
+        )
+
+    def aim(self, invocation: Invocation) -> Invocation:
+        """``invocation`` with its ``function`` field read as a target (``f``, ``f:v4``,
+        ``f:prod``): the function alone, the version chosen from the invocation's id. A target
+        no longer declared keeps the version it names (its worker dead-letters it)."""
+        target = Target.parse(invocation.function)
+        try:
+            choice = self.choose(target.function, target.selector, invocation.id)
+        except KeyError:
+            choice = Choice(target.selector or LATEST)
+        return dataclasses.replace(
+            invocation, function=target.function, version=choice.version, alias=choice.alias
+        )
+
+    def call_url(self, function: str | None, version: str) -> str:
+        """The URL a version of a function is called at ("" when it is gone)."""
+        spec = self.functions.get(function or "")
+        call = version_spec(spec, version) if spec is not None else None
+        return call.url if call is not None else ""
+
+    def choose(self, function: str, selector: str | None, key: str) -> Choice:
+        """The version an invocation of ``function:selector`` goes to (see
+        :mod:`eventhub.versions`); KeyError for a function, version or alias not known."""
+        return choose(self.functions[function], selector, key, self.weights.get(function, {}))
 
     @property
     def ordered_functions(self) -> set[str]:
@@ -143,12 +206,19 @@ class Routes:
 
 
 Listener = Callable[[Routes], Awaitable[None]]
+OverridesLoader = Callable[[], Awaitable[Overrides]]
 
 
 class Router:
-    def __init__(self, store: ResourceStore, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        store: ResourceStore,
+        metrics: Metrics | None = None,
+        overrides: OverridesLoader | None = None,
+    ) -> None:
         self._store = store
         self._metrics = metrics
+        self._overrides = overrides  # the rollouts' alias weights, read with the resources
         self.routes = Routes()
         self.invalid: tuple[InvalidResource, ...] = ()  # stored, but skipped: they do not validate
         self._listeners: list[Listener] = []
@@ -160,7 +230,8 @@ class Router:
     async def reload(self) -> None:
         async with self._reloading:
             loaded = await self._store.load()
-            routes = Routes.build(loaded.valid, self.routes)
+            overrides = await self._overrides() if self._overrides is not None else None
+            routes = Routes.build(loaded.valid, self.routes, overrides)
             self.routes, self.invalid = routes, tuple(loaded.invalid)
             if self._metrics is not None:
                 for kind in Kind:

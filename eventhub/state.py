@@ -35,10 +35,14 @@ class AttemptRecord:
     error: str | None
     message: str
     response: str
+    version: str = "latest"  # the version that was called
 
     @classmethod
-    def of(cls, attempt: int, started_at: str, outcome: Outcome) -> AttemptRecord:
+    def of(
+        cls, attempt: int, started_at: str, outcome: Outcome, version: str = "latest"
+    ) -> AttemptRecord:
         return cls(
+            version=version,
             attempt=attempt,
             started_at=started_at,
             latency_ms=round(outcome.latency * 1000, 3),
@@ -59,6 +63,7 @@ class AttemptRecord:
             error=doc.get("error"),
             message=str(doc.get("message") or ""),
             response=str(doc.get("response") or ""),
+            version=str(doc.get("version") or "latest"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -70,6 +75,7 @@ class AttemptRecord:
             "error": self.error,
             "message": self.message,
             "response": self.response,
+            "version": self.version,
         }
 
 
@@ -134,19 +140,22 @@ class InvocationState:
         self._hurry = asyncio.Event()  # a reader waits: apply what is queued now
         self._wanted = 0  # writes a reader waits for: applied without lingering
 
-    async def queued(self, ids: list[tuple[str, str]], owner: str | None = None) -> None:
-        """Mark (invocation id, function) pairs queued, unless dispatch already moved them on;
-        ``owner`` (the id of the token that asked) is kept in the hash's ``owner`` field."""
+    async def queued(self, ids: list[tuple[str, str, str]], owner: str | None = None) -> None:
+        """Mark (invocation id, function, version) triples queued, unless dispatch already
+        moved them on; ``owner`` (the id of the token that asked) is kept in the hash's
+        ``owner`` field."""
         now = now_rfc3339()
-        for inv_id, function in ids:
+        for inv_id, function, version in ids:
             nx = ["status", "queued", "createdAt", now, "function", function, "updatedAt", now]
+            nx += ["version", version]
             if owner:
                 nx += ["owner", owner]
             await self._put(inv_id, _Write(nx, [], []))
 
-    def running(self, inv_id: str, function: str, attempt: int) -> None:
+    def running(self, inv_id: str, function: str, attempt: int, version: str) -> None:
         now = now_rfc3339()
         always = ["status", "running", "function", function, "attempts", str(attempt)]
+        always += ["version", version]
         self._put_nowait(inv_id, _Write(["createdAt", now], [*always, "updatedAt", now], []))
 
     async def attempted(self, inv_id: str, function: str, record: AttemptRecord) -> None:
@@ -168,6 +177,8 @@ class InvocationState:
         fields = [
             "function",
             function,
+            "version",
+            record.version,
             *(["status", status] if status else []),
             "attempts",
             str(record.attempt),

@@ -12,7 +12,7 @@ row version, and the listings show it with its error. It never stops the rest fr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +20,16 @@ import orjson
 import structlog
 
 from eventhub.errors import Conflict, FieldProblem, NotFound, ResourceInvalid
-from eventhub.resources import API_SOURCE, Kind, Resource, parse_resource
+from eventhub.resources import (
+    API_SOURCE,
+    FunctionSpec,
+    Kind,
+    Resource,
+    VersionSpec,
+    parse_resource,
+)
+from eventhub.versions import Target
+from eventhub.versions import names as version_names
 
 log = structlog.get_logger(__name__)
 _ORDER = (Kind.FUNCTION, Kind.SOURCE, Kind.BINDING)
@@ -139,6 +148,7 @@ class ResourceStore:
         async with self._pool.acquire() as conn, conn.transaction():
             await _check_references(conn, [resource])
             created = await _upsert(conn, resource, None)
+            await _check_selectors(conn)
             await _notify(conn, self.channel, resource)
         return created is True
 
@@ -205,6 +215,7 @@ class ResourceStore:
                     target[outcome].append(label)
                 if prune:
                     plan.pruned = await _prune(conn, ordered, apply_set)
+                await _check_selectors(conn)
                 if plan.created or plan.updated or plan.pruned:
                     await conn.execute("select pg_notify($1, 'apply')", self.channel)
             except BaseException:
@@ -312,7 +323,7 @@ async def _upsert(conn: Any, resource: Resource, apply_set: str | None) -> bool 
     spec = orjson.dumps(dict(resource.spec)).decode()
     labels = orjson.dumps(dict(resource.labels)).decode()
     row = await conn.fetchrow(
-        "select spec = $3::jsonb and labels = $4::jsonb as same, apply_set"
+        "select spec = $3::jsonb and labels = $4::jsonb as same, apply_set, spec as old"
         " from resources where kind = $1 and name = $2 for update",
         resource.kind.value,
         resource.name,
@@ -332,6 +343,8 @@ async def _upsert(conn: Any, resource: Resource, apply_set: str | None) -> bool 
         return True
     if row["same"] and (apply_set is None or row["apply_set"] == apply_set):
         return None
+    if resource.kind is Kind.FUNCTION:
+        _check_immutable(resource, orjson.loads(row["old"]))
     await conn.execute(
         "update resources set spec = $3::jsonb, labels = $4::jsonb,"
         " apply_set = coalesce($5, apply_set), generation = generation + 1, updated_at = now()"
@@ -374,13 +387,13 @@ async def _check_references(conn: Any, resources: Sequence[Resource]) -> None:
     for resource in resources:
         refs: list[tuple[str, Kind, str]] = []
         if resource.kind is Kind.BINDING:
-            refs.append(("spec.function", Kind.FUNCTION, resource.model.function))
+            function = Target.parse(resource.model.function).function
+            refs.append(("spec.function", Kind.FUNCTION, function))
             if resource.model.source != API_SOURCE:
                 refs.append(("spec.source", Kind.SOURCE, resource.model.source))
         elif resource.kind is Kind.FUNCTION and resource.model.dead_letter is not None:
-            refs.append(
-                ("spec.deadLetter.function", Kind.FUNCTION, resource.model.dead_letter.function)
-            )
+            function = Target.parse(resource.model.dead_letter.function).function
+            refs.append(("spec.deadLetter.function", Kind.FUNCTION, function))
         for path, kind, name in refs:
             if not await exists(kind, name):
                 raise ResourceInvalid(
@@ -398,15 +411,82 @@ async def _check_not_referenced(
         return
     rows = await conn.fetch(
         "select kind, name from resources where"
-        " (kind = 'Binding' and spec->>($1::text) = $2)"
-        " or (kind = 'Function' and $1 = 'function' and spec->'deadLetter'->>'function' = $2"
-        "     and name <> $2)",
+        " (kind = 'Binding' and split_part(spec->>($1::text), ':', 1) = $2)"
+        " or (kind = 'Function' and $1 = 'function'"
+        "     and split_part(spec->'deadLetter'->>'function', ':', 1) = $2 and name <> $2)",
         "function" if kind is Kind.FUNCTION else "source",
         name,
     )
     users = [f"{r['kind']}/{r['name']}" for r in rows if (r["kind"], r["name"]) not in ignore]
     if users:
         raise Conflict(f"{kind.value} '{name}' is still used by {', '.join(sorted(users))}")
+
+
+def _check_immutable(resource: Resource, old: Mapping[str, Any]) -> None:
+    """A stored version may not change: a change is a new version."""
+    new: FunctionSpec = resource.model
+    for name, raw in (old.get("versions") or {}).items():
+        if name not in new.versions:
+            continue  # removing a version is allowed (what is queued for it is dead-lettered)
+        try:
+            same = VersionSpec.model_validate(raw) == new.versions[name]
+        except ValueError:
+            continue  # stored under rules since tightened: replaced, like any invalid one
+        if not same:
+            raise ResourceInvalid(
+                origin="",
+                kind=resource.kind.value,
+                name=resource.name,
+                problems=(
+                    FieldProblem(
+                        f"spec.versions.{name}",
+                        "a version cannot change once declared: declare a new version",
+                    ),
+                ),
+            )
+
+
+async def _check_selectors(conn: Any) -> None:
+    """Every ``f:name`` a Binding or a dead-letter function names must be a version or alias
+    of ``f`` as stored now (checked after the change, inside its transaction)."""
+    rows = await conn.fetch(
+        "select kind, name, spec->>'function' as target, 'spec.function' as path"
+        " from resources where kind = 'Binding' and spec->>'function' like '%:%'"
+        " union all select kind, name, spec->'deadLetter'->>'function', 'spec.deadLetter.function'"
+        " from resources where kind = 'Function' and spec->'deadLetter'->>'function' like '%:%'"
+    )
+    specs: dict[str, FunctionSpec | None] = {}
+    for row in rows:
+        target = Target.parse(row["target"])
+        if target.function not in specs:
+            raw = await conn.fetchval(
+                "select spec from resources where kind = 'Function' and name = $1",
+                target.function,
+            )
+            specs[target.function] = _function_spec(raw)
+        spec = specs[target.function]
+        if spec is None or target.selector in version_names(spec):
+            continue  # a missing function is reported by the reference check
+        raise ResourceInvalid(
+            origin="",
+            kind=row["kind"],
+            name=row["name"],
+            problems=(
+                FieldProblem(
+                    row["path"],
+                    f"Function '{target.function}' has no version or alias '{target.selector}'",
+                ),
+            ),
+        )
+
+
+def _function_spec(raw: str | None) -> FunctionSpec | None:
+    if raw is None:
+        return None
+    try:
+        return FunctionSpec.model_validate(orjson.loads(raw))
+    except ValueError:
+        return None
 
 
 def _reject_duplicates(resources: Sequence[Resource]) -> None:

@@ -11,6 +11,7 @@ from eventhub.api import (
     middleware,
     openapi,
     resources,
+    stats,
     ui,
     webhooks,
 )
@@ -30,6 +31,7 @@ def build(ctx: ApiContext, *, v1: bool = True) -> web.Application:
     if v1:
         ingress.add_routes(app)
         resources.add_routes(app)
+        stats.add_routes(app)
         deadletters.add_routes(app)
         webhooks.add_routes(app)
         ui.add_routes(app)

@@ -36,11 +36,13 @@ from eventhub.errors import Conflict, FieldProblem, InvalidInput, NotFound
 from eventhub.invocations import to_dead_letter_function
 from eventhub.settings import Scope
 from eventhub.units import parse_rate, parse_time
+from eventhub.versions import Target
 
 _MAX_LIMIT = 500
 DEFAULT_REPLAY_RATE = "50/s"
 _FILTER_FIELDS = {
     "function": "function",
+    "version": "version",
     "binding": "binding",
     "source": "source",
     "status": "status",
@@ -78,7 +80,8 @@ def filter_of(values: Mapping[str, Any], prefix: str = "") -> DeadLetterFilter:
     if prefix and unknown:
         raise _bad(
             prefix + unknown[0],
-            "is not a filter (function, binding, source, status, errorCode, reason, since, until)",
+            "is not a filter (function, version, binding, source, status, errorCode, reason,"
+            " since, until)",
         )
     fields: dict[str, Any] = {}
     for name, attribute in _FILTER_FIELDS.items():
@@ -208,7 +211,7 @@ async def replay(request: web.Request) -> web.Response:
         which = replace(which, status="dead")  # not what a replay already resolved
     to = body.get("to")
     if to is not None and not isinstance(to, str):
-        raise _bad("to", "must be a function name")
+        raise _bad("to", "must be a function name (f, f:version or f:alias)")
     try:
         rate = parse_rate(str(body.get("rate", DEFAULT_REPLAY_RATE)))
     except ValueError as exc:
@@ -236,12 +239,13 @@ async def resend(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     store = _store(request)
     record = record_of(await store.row(_path_id(request)))
+    routes = ctx.router.routes
     target = record.dead_letter_function
-    if not target or target not in ctx.router.routes.functions:
+    if not target or Target.parse(target).function not in routes.functions:
         raise Conflict(f"dead letter '{record.id}' has no dead-letter function to send it to")
-    failed = ctx.router.routes.functions.get(record.function or "")
+    url = routes.call_url(record.function, record.version)
     await store.mark_dead_letter_function_pending(record.id)
-    invocation = to_dead_letter_function(record, failed.url if failed else "", str(uuid.uuid4()))
+    invocation = routes.aim(to_dead_letter_function(record, url, str(uuid.uuid4())))
     await ctx.ingress.enqueue(invocation)
     return _json(await store.get(record.id))
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from eventhub.api import deadletters, health, ingress, resources, ui, webhooks
+from eventhub.api import deadletters, health, ingress, resources, stats, ui, webhooks
 from eventhub.resources import NAME_PATTERN
 
 Schema = dict[str, Any]
@@ -92,6 +92,7 @@ _CE_HEADERS = tuple(
 )
 _FILTERS = (
     Param("function", "query", {"type": "string"}),
+    Param("version", "query", {"type": "string"}),
     Param("binding", "query", {"type": "string"}),
     Param("source", "query", {"type": "string"}),
     Param("status", "query", {"enum": ["dead", "replaying", "resolved"]}),
@@ -191,6 +192,16 @@ OPERATIONS: dict[Callable[..., Any], Op] = {
         "resources",
         {200: {_JSON: "FunctionStatus"}},
         (404, 409, 503),  # 409: the stored Function no longer validates
+    ),
+    stats.function_stats: Op(
+        "A Function's calls, failures, latency and backlog, per version",
+        "resources",
+        {200: {_JSON: "FunctionStats"}},
+        (404, 503),
+        description=(
+            "Summed over every hub process: the last 5 minutes (1-second buckets), hour and"
+            " 24 hours (1-minute buckets), in total and per version; the backlog is now."
+        ),
     ),
     webhooks.post_webhook: Op(
         "MinIO webhook notification target",

@@ -94,6 +94,7 @@ _STR: Schema = {"type": "string"}
 _INT: Schema = {"type": "integer"}
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _OPT_STR: Schema = {"type": ["string", "null"]}
+_OPT_NUM: Schema = {"type": ["number", "null"], "minimum": 0}
 
 
 def _ref(name: str) -> Schema:
@@ -184,12 +185,53 @@ _FIXED: dict[str, Schema] = {
         history={"type": "array", "items": {"type": "object"}},
     ),
     "FunctionStatus": _obj(
-        ["name", "maxConcurrency", "queued", "inFlight", "retrying"],
+        ["name", "paused", "maxConcurrency", "queued", "inFlight", "retrying"],
         name=_STR,
+        paused={"type": "boolean"},
         maxConcurrency=_INT,
         queued=_INT,
         inFlight=_INT,
         retrying=_INT,
+    ),
+    "StatsFigures": _obj(
+        [
+            "invocations",
+            "successes",
+            "failures",
+            "retries",
+            "deadLetters",
+            "errorRate",
+            "p50Ms",
+            "p95Ms",
+            "p99Ms",
+        ],
+        invocations=_INT,
+        successes=_INT,
+        failures=_INT,
+        retries=_INT,
+        deadLetters=_INT,
+        errorRate={"type": "number", "minimum": 0, "maximum": 1},
+        p50Ms=_OPT_NUM,
+        p95Ms=_OPT_NUM,
+        p99Ms=_OPT_NUM,
+    ),
+    "StatsWindow": _obj(
+        ["seconds", "total", "versions"],
+        seconds=_INT,
+        total=_ref("StatsFigures"),
+        versions={"type": "object", "additionalProperties": _ref("StatsFigures")},
+    ),
+    "FunctionStats": _obj(
+        ["name", "backlog", "windows"],
+        name=_STR,
+        backlog=_obj(
+            ["queued", "inFlight", "retrying", "oldestWaitingSeconds"],
+            queued=_INT,
+            inFlight=_INT,
+            retrying=_INT,
+            oldestWaitingSeconds=_OPT_NUM,
+        ),
+        windows=_obj(["5m", "1h", "24h"], **{w: _ref("StatsWindow") for w in ("5m", "1h", "24h")}),
     ),
     "SourceStatus": _obj(
         ["name", "type", "paused", "state", "processes"],
@@ -203,6 +245,7 @@ _FIXED: dict[str, Schema] = {
         ["id", "status", "reason", "attempts", "event"],
         id=_STR,
         function=_OPT_STR,
+        version=_STR,
         binding=_OPT_STR,
         source=_OPT_STR,
         status={"enum": list(STATUSES)},
@@ -228,6 +271,7 @@ _FIXED: dict[str, Schema] = {
         "additionalProperties": False,
         "properties": {
             "function": _STR,
+            "version": _STR,
             "binding": _STR,
             "source": _STR,
             "status": {"enum": list(STATUSES)},

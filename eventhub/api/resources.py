@@ -118,7 +118,12 @@ async def function_status(request: web.Request) -> web.Response:
     resource = await ctx.store.get(Kind.FUNCTION, request.match_info["name"])
     backlog = await ctx.queue.function_status(resource.name)
     return _json(
-        {"name": resource.name, "maxConcurrency": resource.model.max_concurrency, **backlog}
+        {
+            "name": resource.name,
+            "paused": resource.paused,
+            "maxConcurrency": resource.model.max_concurrency,
+            **backlog,
+        }
     )
 
 
@@ -143,7 +148,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"/v1/{kinds}/{{name}}", get_resource)
     app.router.add_put(f"/v1/{kinds}/{{name}}", put_resource)
     app.router.add_delete(f"/v1/{kinds}/{{name}}", delete_resource)
-    pausable = "{kind:sources|bindings}"
+    pausable = "{kind:functions|sources|bindings}"
     app.router.add_post(f"/v1/{pausable}/{{name}}/pause", pause_resource)
     app.router.add_post(f"/v1/{pausable}/{{name}}/resume", resume_resource)
     app.router.add_get("/v1/sources/{name}/status", source_status)

@@ -114,7 +114,7 @@ def test_pause_resume_and_status(settings: Settings, tmp_path: Path) -> None:
     backlog = run_eventhub(settings, "status", "function", "f1")
     assert backlog.returncode == 0, backlog.stderr
     assert backlog.stdout.strip() == (
-        "Function/f1 maxConcurrency=10 queued=0 in-flight=0 retrying=0"
+        "Function/f1 paused=false maxConcurrency=10 queued=0 in-flight=0 retrying=0"
     )
     unknown = run_eventhub(settings, "status", "function", "nope")
     assert unknown.returncode == 1 and "Function 'nope' does not exist" in unknown.stderr

@@ -49,6 +49,7 @@ async def test_healthy_invocations_overtake_waiting_retries(
     status = await _function_status(hub, "busy")
     assert status == {
         "name": "busy",
+        "paused": False,
         "maxConcurrency": 2,
         "queued": 0,
         "inFlight": 0,
