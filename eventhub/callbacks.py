@@ -101,6 +101,7 @@ class Callbacks:
             "Eventhub-Invocation-Status": status,
             "X-Call-Id": invocation.id,
             "X-Function-Name": invocation.function,
+            "Eventhub-Function-Version": invocation.version,
             "X-Function-Status": str(outcome.status) if outcome.status else outcome.code,
         }
         for attempt in range(1, _TRIES + 1):

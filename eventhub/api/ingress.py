@@ -83,7 +83,12 @@ async def post_invocation(request: web.Request) -> web.Response:
     invocation = await _invoke(request)
     location = f"/v1/invocations/{invocation.id}"
     return _json(
-        {"id": invocation.id, "function": invocation.function, "status": "queued"},
+        {
+            "id": invocation.id,
+            "function": invocation.function,
+            "version": invocation.version,
+            "status": "queued",
+        },
         status=202,
         headers={"Location": location},
     )

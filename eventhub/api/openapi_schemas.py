@@ -172,7 +172,11 @@ _FIXED: dict[str, Schema] = {
         },
     ),
     "InvocationQueued": _obj(
-        ["id", "function", "status"], id=_STR, function=_STR, status={"const": "queued"}
+        ["id", "function", "version", "status"],
+        id=_STR,
+        function=_STR,
+        version=_STR,
+        status={"const": "queued"},
     ),
     "Invocation": _obj(
         ["id", "status", "attempts", "history"],
