@@ -3,7 +3,12 @@
 One :class:`FunctionWorker` per function pulls from the function's shared durable consumer and
 runs at most ``maxConcurrency`` invocations at once (JetStream's ``max_ack_pending`` holds the same
 limit across processes). Under a ``rateLimit`` one message is pulled at a time and waits for
-its slot (kept with ``in_progress``) before the call.
+its slot (kept with ``in_progress``) before the call. A paused function has no worker: its
+invocations wait in JetStream.
+
+Each message calls the version it was enqueued for (``Eh-Version``; see :mod:`eventhub.versions`)
+with that version's URL, timeout and retry policy. This module decides whether and how to call;
+:mod:`eventhub.outcomes` does what the outcome asks.
 
 Acknowledgement contract:
 
@@ -20,6 +25,11 @@ final failure       dead letter committed to PostgreSQL (and the dead-letter fun
 cancelled/shutdown  ``nak()`` without delay: handed back for another process now
 dependency down     not called, no attempt spent: see below
 hub killed          nothing: JetStream redelivers after ``ack_wait``
+version removed     dead letter (reason ``version-removed``), then ``ack``
+canary rolled back  called on the stable version, or a dead letter (``rolled-back``), as the
+                    rollout says
+at-most-once        ``ack`` (confirmed) before the call; a failed call is a dead letter
+                    (``at-most-once``) stored without hand-back: nothing is redelivered
 ==================  ====================================================================
 
 The attempt number is the attempts an earlier message of the invocation made (``Eh-Attempts``)
