@@ -42,6 +42,7 @@ from eventhub.invoker import Invoker
 from eventhub.metrics import Metrics
 from eventhub.queue import InvocationQueue
 from eventhub.ratelimit import RateLimiter
+from eventhub.rollout import RolloutDriver, Rollouts
 from eventhub.routing import Router
 from eventhub.settings import Settings
 from eventhub.sources import PROCESS_ID, ConnectorFactory, SourceSupervisor
@@ -137,10 +138,12 @@ class Hub:
         self.services = services
         self.metrics = Metrics()
         self.store = ResourceStore(services.pool, settings.namespace)
-        self.router = Router(self.store, self.metrics)
+        self.stats = Stats(services.redis, settings.namespace)
+        self.rollouts = Rollouts(services.pool, self.store, self.stats, self.metrics)
+        # Alias weights set by rollouts are read with the resources, on every reload.
+        self.router = Router(self.store, self.metrics, overrides=self.rollouts.overrides)
         self.queue = InvocationQueue(services.nc, settings)
         self.state = InvocationState(services.redis, settings.namespace, settings.state_ttl)
-        self.stats = Stats(services.redis, settings.namespace)
         self.dead_letters = DeadLetterStore(services.pool)
         self.replays = ReplayJobs(services.pool, self.dead_letters)
         self.ingress = Ingress(self.router, self.queue, self.state, self.metrics)
@@ -191,6 +194,7 @@ class Hub:
             await self.dispatcher.start()
             self._own(self._watch_depths())
             self._own(self._replay_runner().run())
+            self._own(self._rollout_driver().run())
             self._own(self._apply_retention())
         if Role.INGEST in self.roles:
             await self.supervisor.start()
@@ -238,7 +242,7 @@ class Hub:
             },
         )
         runner = web.AppRunner(
-            build_api(ctx, v1=Role.API in self.roles),
+            build_api(ctx, v1=Role.API in self.roles, rollout_store=self.rollouts),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=min(self.settings.shutdown_timeout, 10.0),
@@ -281,6 +285,11 @@ class Hub:
             routes=lambda: self.router.routes,
             owner=PROCESS_ID,
             on_published=started.inc,
+        )
+
+    def _rollout_driver(self) -> RolloutDriver:
+        return RolloutDriver(
+            rollouts=self.rollouts, store=self.store, stats=self.stats, owner=PROCESS_ID
         )
 
     async def _apply_retention(self) -> None:

@@ -20,6 +20,7 @@ import yaml
 from eventhub import db
 from eventhub.cli_common import T, fail, handled, load_settings
 from eventhub.cli_dlq import dlq
+from eventhub.cli_rollout import rollout
 from eventhub.cli_stats import stats
 from eventhub.logs import configure as configure_logs
 from eventhub.resources import Kind, load_path
@@ -34,6 +35,7 @@ def main() -> None:
 
 main.add_command(dlq)
 main.add_command(stats)
+main.add_command(rollout)
 
 
 @main.command()
@@ -265,10 +267,12 @@ def _table(kind: Kind, all_docs: list[dict[str, Any]]) -> None:
 
 def _valid_table(kind: Kind, docs: list[dict[str, Any]]) -> None:
     if kind is Kind.FUNCTION:
-        rows = [("NAME", "URL", "CONCURRENCY", "RATE", "DEAD-LETTER")] + [
+        rows = [("NAME", "DEFAULT", "URL", "VERSIONS", "CONCURRENCY", "RATE", "DEAD-LETTER")] + [
             (
                 d["metadata"]["name"],
-                d["spec"]["url"],
+                d["spec"].get("default", "latest"),
+                d["spec"].get("url", "-"),
+                ",".join(d["spec"].get("versions") or {}) or "-",
                 str(d["spec"].get("maxConcurrency", 10)),
                 str(d["spec"].get("rateLimit", "-")),
                 (d["spec"].get("deadLetter") or {}).get("function", "-"),

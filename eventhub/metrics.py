@@ -106,3 +106,9 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.rollout_weight = Gauge(
+            "eventhub_rollout_weight",
+            "Each version's weight in an alias under its latest rollout (0-100)",
+            ["function", "alias", "version"],
+            registry=r,
+        )

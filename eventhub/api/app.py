@@ -11,16 +11,20 @@ from eventhub.api import (
     middleware,
     openapi,
     resources,
+    rollouts,
     stats,
     ui,
     webhooks,
 )
 from eventhub.api.context import CONTEXT, ApiContext
+from eventhub.rollout import Rollouts
 
 
-def build(ctx: ApiContext, *, v1: bool = True) -> web.Application:
+def build(
+    ctx: ApiContext, *, v1: bool = True, rollout_store: Rollouts | None = None
+) -> web.Application:
     """Health, metrics and ``/openapi.json`` always; the ``/v1`` API (and its OpenFaaS alias)
-    when ``v1``."""
+    when ``v1``; the rollouts' routes with it when ``rollout_store`` is given."""
     app = web.Application(
         middlewares=[middleware.errors, middleware.auth],
         client_max_size=ctx.settings.max_body_size,
@@ -33,6 +37,8 @@ def build(ctx: ApiContext, *, v1: bool = True) -> web.Application:
         resources.add_routes(app)
         stats.add_routes(app)
         deadletters.add_routes(app)
+        if rollout_store is not None:
+            rollouts.add_routes(app, rollout_store)
         webhooks.add_routes(app)
         ui.add_routes(app)
     return app

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from eventhub.api import deadletters, health, ingress, resources, stats, ui, webhooks
+from eventhub.api import deadletters, health, ingress, resources, rollouts, stats, ui, webhooks
 from eventhub.resources import NAME_PATTERN
 
 Schema = dict[str, Any]
@@ -256,6 +256,57 @@ OPERATIONS: dict[Callable[..., Any], Op] = {
     ),
     deadletters.cancel_job: Op(
         "Stop a replay job", "dead-letters", {200: {_JSON: "ReplayJob"}}, (404, 503)
+    ),
+    rollouts.start: Op(
+        "Start a canary rollout on an alias",
+        "rollouts",
+        {201: {_JSON: "Rollout"}},
+        (400, 404, 409, 413, 503),
+        body={_JSON: "RolloutRequest"},
+        description=(
+            "The alias must point at exactly one version (the stable one); `to` is another"
+            " version of the function. 409 while another rollout runs (or is paused) on the"
+            " alias."
+        ),
+        ok_headers={201: {"Location": "/v1/rollouts/{id}"}},
+    ),
+    rollouts.list_rollouts: Op(
+        "Rollouts, newest first",
+        "rollouts",
+        {200: {_JSON: "RolloutList"}},
+        (400, 503),
+        params=(
+            Param("function", "query", {"type": "string"}),
+            Param(
+                "state",
+                "query",
+                {"enum": ["running", "paused", "promoted", "rolled-back", "aborted"]},
+            ),
+            Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500}),
+        ),
+    ),
+    rollouts.get_rollout: Op(
+        "One rollout, with each step's figures", "rollouts", {200: {_JSON: "Rollout"}}, (404, 503)
+    ),
+    rollouts.pause: Op(
+        "Pause a rollout: the canary keeps its weight, nothing is judged",
+        "rollouts",
+        {200: {_JSON: "Rollout"}},
+        (404, 409, 503),
+    ),
+    rollouts.resume: Op(
+        "Resume a paused rollout: its step starts over",
+        "rollouts",
+        {200: {_JSON: "Rollout"}},
+        (404, 409, 503),
+    ),
+    rollouts.abort: Op(
+        "Abort a rollout: the alias goes back to the stable version",
+        "rollouts",
+        {200: {_JSON: "Rollout"}},
+        (400, 404, 409, 413, 503),
+        body={_JSON: "RolloutAbort"},
+        body_required=False,
     ),
     ui.page: Op("The dead-letter web page", "ui", {200: {"text/html": {"type": "string"}}}),
     ui.asset: Op(

@@ -9,9 +9,10 @@ export const token = {
 };
 
 export class ApiError extends Error {
-  constructor(status, problem) {
+  constructor(status, problem, path = "") {
     super(problem.detail || problem.title || `HTTP ${status}`);
     this.status = status;
+    this.path = path; // what was asked: the scope a 403 wants depends on it
     this.title = problem.title || "";
     this.fields = Array.isArray(problem.errors) ? problem.errors : [];
   }
@@ -25,7 +26,8 @@ export async function call(method, path, body) {
     const payload = body === undefined ? undefined : JSON.stringify(body);
     response = await fetch(path, { method, headers, body: payload, cache: "no-store" });
   } catch (err) {
-    throw new ApiError(0, { title: "Network error", detail: `cannot reach the hub (${err.message})` });
+    const problem = { title: "Network error", detail: `cannot reach the hub (${err.message})` };
+    throw new ApiError(0, problem, path);
   }
   const text = await response.text();
   let doc = null;
@@ -36,7 +38,7 @@ export async function call(method, path, body) {
   }
   if (!response.ok) {
     const problem = doc && typeof doc === "object" ? doc : { detail: text.slice(0, 200) };
-    throw new ApiError(response.status, problem);
+    throw new ApiError(response.status, problem, path);
   }
   return doc;
 }

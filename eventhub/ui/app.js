@@ -1,83 +1,80 @@
-// Dead letters for operators: overview, filtered list, detail, replay and purge, replay jobs.
-// Every value from the hub is rendered through dom.js (text nodes only): event data is user input.
+// Dead letters for operators: overview, filtered list, detail, replay and purge, replay jobs; the
+// views (dead letters, functions) and sign-in. Every value from the hub is rendered through dom.js
+// (text nodes only): event data is user input.
 import { ApiError, call, query, token } from "./api.js";
 import { badge, h, sparkline, table, time } from "./dom.js";
+import { hideFunctions, reloadFunctions, showFunctions } from "./functions.js";
+import { $, button, fail, guard, notify, onSignOut, path, signOut } from "./shell.js";
 
-const $ = (id) => document.getElementById(id);
 const ACTIVE = new Set(["pending", "running"]);
 const FIELDS = ["function", "binding", "source", "status", "errorCode", "since", "until"];
 const HOUR = 3600 * 1000;
 const state = { filter: {}, cursor: null, seq: 0, selected: new Set(), jobs: new Map(), timer: null };
+const can = { dlq: false, admin: false }; // what the token may do, learnt at sign-in
 const plural = (n) => `${n} dead letter${n === 1 ? "" : "s"}`;
-const path = (...parts) => parts.map(encodeURIComponent).join("/");
 
-// ---- messages, sign-in, errors
-
-function notify(text, kind = "error") {
-  $("notice").textContent = text;
-  $("notice").className = `notice ${kind}`;
-  $("notice").hidden = !text;
-}
-
-function problemText(err) {
-  const fields = err.fields.map((f) => `${f.field}: ${f.message}`).join("; ");
-  const text = fields && !err.message.includes(fields) ? `${err.message} (${fields})` : err.message;
-  return err.status ? `HTTP ${err.status}: ${text}` : text;
-}
-
-// A refused token signs out with the reason; other errors show in `el` (a section, a dialog), or
-// in the notice at the top.
-function fail(err, el = null) {
-  if (!(err instanceof ApiError)) {
-    console.error(err);
-    notify(`Unexpected error: ${err}`);
-  } else if (err.status === 401) {
-    signOut(`The hub did not accept this token (401 Unauthorized: ${err.message}). Sign in again.`);
-  } else if (err.status === 403) {
-    signOut(`This token may not manage dead letters (403 Forbidden: ${err.message}). `
-      + `Use a token with the "dlq" scope.`);
-  } else if (el) {
-    el.replaceChildren(h("p", { className: "err" }, problemText(err)));
-  } else {
-    notify(problemText(err));
-  }
-}
-
-const guard = (fn, el = null) => async (...args) => {
-  try {
-    await fn(...args);
-  } catch (err) {
-    fail(err, el);
-  }
-};
-
-function signOut(message = "") {
-  token.clear();
+onSignOut(() => {
   clearTimeout(state.timer);
   state.timer = null;
-  for (const d of document.querySelectorAll("dialog[open]")) d.close();
-  $("app").hidden = $("signout").hidden = true;
-  $("login").hidden = false;
-  notify(message);
-  $("token").focus();
+});
+
+// ---- sign-in and views
+
+// Whether the token may read `path`: a 403 says no; any other refusal is thrown.
+async function allowed(path) {
+  try {
+    await call("GET", path);
+    return true;
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 403) return false;
+    throw err;
+  }
 }
 
 async function signIn() {
   try {
-    await call("GET", "/v1/dead-letters?limit=1");
+    [can.dlq, can.admin] = await Promise.all([allowed("/v1/dead-letters?limit=1"), allowed("/v1/functions")]);
   } catch (err) {
     return fail(err);
   }
+  if (!can.dlq && !can.admin) {
+    return signOut("This token may neither manage dead letters nor operate functions (403 Forbidden). "
+      + `Use a token with the "dlq" scope (dead letters) or the "admin" scope (functions).`);
+  }
   notify("");
   $("login").hidden = true;
-  $("app").hidden = $("signout").hidden = false;
-  await Promise.all([guard(loadList)(), refresh()]);
+  $("app").hidden = $("signout").hidden = $("views").hidden = false;
+  $("to-dead-letters").hidden = !can.dlq;
+  $("to-functions").hidden = !can.admin;
+  await Promise.all([can.dlq ? Promise.all([guard(loadList)(), refresh()]) : null, route()]);
 }
 
 const refresh = () => Promise.all([guard(loadStats, $("stats"))(), guard(loadJobs, $("jobs"))()]);
 
-function button(text, onclick, className = "", errorsIn = null) {
-  return h("button", { type: "button", className, onclick: guard(onclick, errorsIn) }, text);
+function decoded(text) {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return text; // typed by hand, not encoded: taken as it is
+  }
+}
+
+// "#functions" and "#functions/NAME" show the functions; anything else the dead letters (when the
+// token may see both).
+function route() {
+  if ($("app").hidden) return null;
+  const [view, ...rest] = location.hash.slice(1).split("/");
+  const functions = can.admin && (view === "functions" || !can.dlq);
+  $("dead-letters-view").hidden = functions;
+  $("functions-view").hidden = !functions;
+  $("view-name").textContent = functions ? "functions" : "dead letters";
+  document.title = `eventhub · ${functions ? "functions" : "dead letters"}`;
+  for (const [id, on] of [["to-dead-letters", !functions], ["to-functions", functions]]) {
+    if (on) $(id).setAttribute("aria-current", "page");
+    else $(id).removeAttribute("aria-current");
+  }
+  if (!functions) return hideFunctions();
+  return showFunctions(rest[0] ? decoded(rest.join("/")) : null);
 }
 
 // ---- overview
@@ -397,6 +394,8 @@ $("purge-selected").addEventListener("click", () => openPurge({ ids: [...state.s
 $("purge-filter").addEventListener("click", () => openPurge({}));
 $("detail-close").addEventListener("click", () => $("detail").close());
 $("refresh").addEventListener("click", () => Promise.all([guard(loadList)(), refresh()]));
+$("functions-refresh").addEventListener("click", reloadFunctions);
+window.addEventListener("hashchange", route);
 
 if (token.get()) signIn();
 else signOut();

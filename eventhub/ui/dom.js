@@ -37,6 +37,7 @@ export function time(iso) {
   return h("time", { dateTime: iso, title: iso }, text);
 }
 
+/** A table of `rows`: each an array of cells, or a ready <tr> (for row spans or data attributes). */
 export function table(headers, rows, empty = "None.") {
   return h(
     "table",
@@ -46,7 +47,7 @@ export function table(headers, rows, empty = "None.") {
       "tbody",
       {},
       rows.length
-        ? rows.map((cells) => h("tr", {}, cells.map((c) => h("td", {}, c))))
+        ? rows.map((r) => (r instanceof Node ? r : h("tr", {}, r.map((c) => h("td", {}, c)))))
         : h("tr", {}, h("td", { colSpan: headers.length, className: "muted" }, empty)),
     ),
   );

@@ -49,7 +49,15 @@ def test_apply_is_idempotent_and_supports_dry_run_and_prune(
     assert pruned.returncode == 0, pruned.stderr
     assert "Function/f2 pruned" in pruned.stdout
     table = run_eventhub(settings, "get", "functions").stdout.splitlines()
-    assert table[0].split() == ["NAME", "URL", "CONCURRENCY", "RATE", "DEAD-LETTER"]
+    assert table[0].split() == [
+        "NAME",
+        "DEFAULT",
+        "URL",
+        "VERSIONS",
+        "CONCURRENCY",
+        "RATE",
+        "DEAD-LETTER",
+    ]
     assert [line.split()[0] for line in table[1:]] == ["f1"]
     shown = run_eventhub(settings, "get", "functions", "f1", "-o", "yaml")
     assert "timeout: 9s" in shown.stdout

@@ -142,6 +142,9 @@ async def test_a_declared_version_cannot_change_and_applying_twice_changes_nothi
     second = run_eventhub(settings, "apply", "-f", str(manifest))
     assert second.returncode == 0, second.stderr
     assert "created" not in second.stdout and "updated" not in second.stdout
+    table = run_eventhub(settings, "get", "functions").stdout.splitlines()
+    [g] = [line.split() for line in table if line.startswith("g ")]
+    assert g[:4] == ["g", "prod", "-", "v1,v2"]
 
 
 async def test_ordered_bindings_keep_one_keys_events_on_one_version_in_order(
