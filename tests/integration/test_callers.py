@@ -103,6 +103,7 @@ async def test_callbacks_to_allowed_addresses_are_sent(
     assert status == 202, body
     [callback] = await function.wait_for(1, "callback")
     assert callback.headers["x-call-id"] == body["id"]
+    assert callback.headers["eventhub-function-version"] == "latest"
     # Allowing 127.0.0.1 allows that address only.
     status, problem = await _invoke(allowing, A, b"x", **{HEADER: "http://10.0.0.7/"})
     assert status == 400 and problem["errors"][0]["field"] == HEADER

@@ -180,10 +180,44 @@ async def test_dead_letters_name_the_version_and_replay_to_another(
     assert replay.returncode == 0, replay.stderr
     calls = await function.wait_for(3, "v1", wait=30)
     assert len(calls) == 3
+    # Without --to, a replay calls the version that failed.
+    await hub.wait_dead_letters(3, function="f", version="v2", status="resolved")
+    function.rules["v2"] = lambda call: None
+    again = run_eventhub(settings, "dlq", "replay", "--version", "v2", "--status", "resolved")
+    assert again.returncode == 0, again.stderr
+    await function.wait_for(3 * 2 + 3, "v2", wait=30)  # 2 attempts each, then the replays
     refused = run_eventhub(settings, "dlq", "replay", "--version", "v2", "--to", "f:v7")
     assert refused.returncode != 0
     assert "has no version or alias 'v7'" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+async def test_a_dead_letter_function_may_be_a_version_of_another_function(
+    hub: RunningHub, function: FunctionServer
+) -> None:
+    await hub.put(
+        "functions",
+        "audit",
+        {
+            "versions": {"a1": {"url": function.url("a1")}, "a2": {"url": function.url("a2")}},
+            "default": "a1",
+        },
+    )
+    await hub.put(
+        "functions",
+        "failing",
+        {
+            "url": function.url("failing"),
+            "retry": {"maxAttempts": 1},
+            "deadLetter": {"function": "audit:a2"},
+        },
+    )
+    function.respond("failing", 500)
+    status, _ = await post_invocation(hub, "failing")
+    assert status == 202
+    [call] = await function.wait_for(1, "a2")
+    assert call.ce["eventhubfunction"] == "failing"
+    assert function.calls_to("a1") == []
 
 
 async def test_a_paused_function_holds_every_invocation_until_resumed(
