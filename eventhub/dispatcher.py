@@ -66,6 +66,7 @@ from nats.aio.msg import Msg
 
 from eventhub.callbacks import Callbacks
 from eventhub.events import now_rfc3339
+from eventhub.ingress import Ingress
 from eventhub.invocations import H_ATTEMPTS, H_ENQUEUED, Invocation
 from eventhub.invoker import Invoker
 from eventhub.metrics import Metrics
@@ -122,8 +123,19 @@ class Dispatcher:
         stats: Stats,
     ) -> None:
         self._router = router
+        ingress = Ingress(router, queue, state, metrics)
         self._deps = Deps(
-            router, queue, invoker, state, limiter, sink, callbacks, settings, metrics, stats
+            router,
+            queue,
+            invoker,
+            state,
+            limiter,
+            sink,
+            callbacks,
+            settings,
+            metrics,
+            stats,
+            ingress,
         )
         # (function, None) pulls the function's consumer; (function, lane) an ordered lane.
         self._workers: dict[tuple[str, int | None], FunctionWorker] = {}
@@ -255,6 +267,7 @@ class Deps:
     settings: Settings
     metrics: Metrics
     stats: Stats
+    ingress: Ingress  # where results published to destinations go in
 
     def choose_version(self, invocation: Invocation) -> Invocation:
         """See :meth:`Routes.aim`."""
@@ -520,7 +533,8 @@ class FunctionWorker:
                 started + _RUNNING_AFTER, self._mark_running
             )
         try:
-            return await self._deps.invoker.invoke(invocation, call, attempt)
+            keep = self.spec.on_success is not None
+            return await self._deps.invoker.invoke(invocation, call, attempt, keep)
         finally:
             del self._calls[id(msg)]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping
 import zlib
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -30,6 +31,7 @@ from eventhub.resources import VersionSpec
 from eventhub.retry import Outcome
 
 EXCERPT_BYTES = 1024
+MAX_RESULT_BYTES = 8 * 1024 * 1024  # a bigger result cannot be an event anyway
 INVALID_REQUEST = "invalid-request"
 USER_AGENT = "eventhub/0.1"
 
@@ -38,7 +40,11 @@ class Invoker:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
 
-    async def invoke(self, invocation: Invocation, spec: VersionSpec, attempt: int) -> Outcome:
+    async def invoke(
+        self, invocation: Invocation, spec: VersionSpec, attempt: int, keep_body: bool = False
+    ) -> Outcome:
+        """One call. ``keep_body``: read the whole response (up to :data:`MAX_RESULT_BYTES`)
+        and keep it with its Content-Type and ``ce-*`` headers: it becomes a result event."""
         headers, body = request_for(invocation, spec, attempt)
         started = time.monotonic()
         try:
@@ -49,7 +55,11 @@ class Invoker:
                 timeout=_timeout(spec.timeout),
                 allow_redirects=False,
             ) as response:
-                excerpt = await response.content.read(EXCERPT_BYTES)
+                if keep_body:
+                    kept = await _read_at_most(response.content, MAX_RESULT_BYTES)
+                    excerpt = (kept or b"")[:EXCERPT_BYTES]
+                else:
+                    kept, excerpt = None, await response.content.read(EXCERPT_BYTES)
                 return Outcome(
                     status=response.status,
                     retry_after=parse_retry_after(response.headers.get("Retry-After")),
@@ -57,6 +67,8 @@ class Invoker:
                     response_excerpt=excerpt_text(
                         excerpt, response.headers.get("Content-Encoding")
                     ),
+                    body=kept,
+                    headers=_result_headers(response.headers) if keep_body else None,
                 )
         except TimeoutError:
             return Outcome(
@@ -76,6 +88,26 @@ class Invoker:
                 message=f"the request cannot be sent: {exc}"[:500],
                 latency=time.monotonic() - started,
             )
+
+
+async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than ``limit``."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _result_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {
+        k.lower(): v
+        for k, v in headers.items()
+        if k.lower() == "content-type" or k.lower().startswith("ce-")
+    }
 
 
 @functools.lru_cache(maxsize=256)

@@ -26,9 +26,12 @@ import structlog
 from nats.aio.msg import Msg
 
 from eventhub.errors import DependencyDown, MessageTooLarge, QueueFull
-from eventhub.invocations import Invocation, to_dead_letter_function
+from eventhub.events import Event
+from eventhub.ingress import Trace
+from eventhub.invocations import Invocation, event_invocation_id, to_dead_letter_function
 from eventhub.ports import DeadLetterRecord, dead_letter_id
-from eventhub.resources import FunctionSpec, VersionSpec
+from eventhub.resources import DestinationSpec, FunctionSpec, VersionSpec
+from eventhub.results import HOP_LIMIT, failure_event, hops, result_event, source_of
 from eventhub.retry import Outcome
 from eventhub.state import AttemptRecord
 
@@ -43,6 +46,7 @@ _OUTAGE_BACKOFF = (0.5, 5.0)  # waiting in place for a dependency: first and lon
 _DEPENDENCY_TIMEOUT = 10.0  # a Redis or PostgreSQL step taking longer counts as an outage
 H_SETTLED = "Eh-Settled"  # an outcome decided, waiting to be written down
 SUCCEEDED = "succeeded"
+RESULT_TOO_LARGE = "result-too-large"  # the result cannot be published as one event
 
 
 class HandedBack(Exception):
@@ -96,6 +100,20 @@ class Settler:
         recorded: bool = False,
     ) -> None:
         deps, invocation = self._deps, d.invocation
+        destination = self.function.on_success if self.function else None
+        if (
+            destination is not None
+            and not invocation.dead_letter_id
+            and outcome.headers is not None
+        ):
+            # Published before anything else, so that a hand-back below never needs it again.
+            if outcome.body is None:
+                await self.give_up(d, RESULT_TOO_LARGE, record, attempts)
+                return
+            event = result_event(self.name, d.version, invocation, outcome.headers, outcome.body)
+            if not await self._send(d, destination, event, "on-success"):
+                await self.give_up(d, RESULT_TOO_LARGE, record, attempts)
+                return
         if invocation.dead_letter_id or invocation.replay_of:
             if record is not None and not recorded:  # kept, should PostgreSQL be away
                 await deps.state.attempted(invocation.id, self.name, record)
@@ -192,6 +210,19 @@ class Settler:
         record, dlf_status = found
         if dlf_status == "pending" and record.dead_letter_function:
             await self._to_dead_letter_function(d, record)
+        if self.function is not None and self.function.on_failure is not None:
+            # It may not have been published before the crash: again (same id, deduplicated).
+            record_event = failure_event(
+                self.name,
+                d.version,
+                invocation,
+                reason=record.reason,
+                error_code=record.error_code,
+                error_message=record.error_message,
+                attempts=len(record.attempts),
+                dead_letter_id=record.id,
+            )
+            await self._send(d, self.function.on_failure, record_event, "on-failure")
         await self._ack(d)
         return True
 
@@ -254,6 +285,18 @@ class Settler:
         await durably(lambda: deps.sink.store(record), "dead letter")
         if record.dead_letter_function:
             await self._to_dead_letter_function(d, record)
+        if function is not None and function.on_failure is not None:
+            record_event = failure_event(
+                self.name,
+                d.version,
+                invocation,
+                reason=reason,
+                error_code=failure[0],
+                error_message=failure[1],
+                attempts=len(history),
+                dead_letter_id=dl_id,
+            )
+            await self._send(d, function.on_failure, record_event, "on-failure")
         await self._ack(d)
         deps.metrics.dead_letters.labels(self.name, reason).inc()
         deps.metrics.invocations.labels(self.name, d.version, "dead_lettered").inc()
@@ -264,6 +307,69 @@ class Settler:
             Outcome(status=last.status, error=last.error) if last else Outcome(error=reason)
         )
         deps.callbacks.send(invocation, "dead-lettered", last_outcome)
+
+    async def _send(
+        self, d: Delivery, destination: DestinationSpec, event: Event, kind: str
+    ) -> bool:
+        """Publish a result or failure event to its destination, durably, before the ack: a
+        function target gets one invocation; ``events: true`` routes it through the bindings
+        of source ``function:<name>``. Past ``max_hops`` it becomes a dead letter instead.
+        False when it is too large to publish. Should JetStream refuse it for now, the message
+        is handed back (``nak``) and :class:`HandedBack` raised: the call will be made again."""
+        deps, invocation = self._deps, d.invocation
+        if hops(event) > deps.settings.max_hops:
+            await self._hop_limit(d, event)
+            return True
+        trace = Trace(invocation.traceparent, invocation.tracestate)
+        try:
+            if destination.function is not None:
+                target = Invocation(
+                    id=event_invocation_id(event, f"{kind}:{self.name}"),
+                    function=destination.function,
+                    event=event,
+                    traceparent=invocation.traceparent,
+                    tracestate=invocation.tracestate,
+                )
+                await deps.ingress.enqueue(deps.router.routes.aim(target))
+            else:
+                await deps.ingress.submit(source_of(self.name), [event], trace, record_queued=False)
+        except MessageTooLarge:
+            log.warning("result_too_large", destination=kind)
+            return False
+        except Exception as exc:  # JetStream away: the redelivery tries again
+            log.warning("result_unpublished", destination=kind, error=said(exc))
+            if not d.acked:
+                await d.msg.nak(delay=_OUTAGE_DELAY)
+            raise HandedBack from exc
+        return True
+
+    async def _hop_limit(self, d: Delivery, event: Event) -> None:
+        """A chain of results too long (a loop, most likely): its next event is kept as a dead
+        letter, sent nowhere."""
+        deps = self._deps
+        inv_id = event_invocation_id(event, f"{HOP_LIMIT}:{self.name}")
+        now = datetime.now(UTC)
+        message = (
+            f"the chain of results is {hops(event)} hops long (max_hops {deps.settings.max_hops})"
+        )
+        record = DeadLetterRecord(
+            id=dead_letter_id(inv_id),
+            invocation_id=inv_id,
+            function=self.name,
+            binding=d.invocation.binding,
+            event=event,
+            reason=HOP_LIMIT,
+            error_code=HOP_LIMIT,
+            error_message=message,
+            attempts=[],
+            enqueued_at=now,
+            failed_at=now,
+            dead_letter_function=None,
+            version=d.version,
+        )
+        await self.until_up(d.msg, lambda: deps.sink.store(record), "hop-limit dead letter")
+        deps.metrics.dead_letters.labels(self.name, HOP_LIMIT).inc()
+        log.warning("result_hop_limit", dead_letter_id=record.id, hops=hops(event))
 
     async def _ack(self, d: Delivery) -> None:
         if not d.acked:

@@ -31,6 +31,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -80,6 +81,20 @@ _HEADER_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 
 class DeadLetterSpec(_Spec):
     function: str = Field(pattern=TARGET_PATTERN)
+
+
+class DestinationSpec(_Spec):
+    """Where a function's result goes: a function target, or back into the hub as an event
+    that bindings with ``source: function:<name>`` route (``events: true``)."""
+
+    function: str | None = Field(default=None, pattern=TARGET_PATTERN)
+    events: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> DestinationSpec:
+        if (self.function is None) == (not self.events):
+            raise ValueError("give either function or events: true")
+        return self
 
 
 def _check_url(value: str) -> str:
@@ -147,6 +162,8 @@ class FunctionSpec(_CallSpec):
     max_concurrency: int = Field(default=10, ge=1, le=10_000)  # shared by every version
     rate_limit: Rate | None = None  # shared by every version
     dead_letter: DeadLetterSpec | None = None
+    on_success: DestinationSpec | None = None  # the result of a successful call goes here
+    on_failure: DestinationSpec | None = None  # the invocation record of a final failure
     # at-most-once: acknowledged before the call; never retried, never redelivered.
     delivery: Literal["at-least-once", "at-most-once"] = "at-least-once"
 
@@ -176,7 +193,8 @@ class FunctionSpec(_CallSpec):
 
 
 class BindingSpec(_Spec):
-    source: str = Field(pattern=NAME_PATTERN)
+    # A Source's name, "api", or "function:<name>" for that function's result events.
+    source: str = Field(pattern=rf"^(function:)?{_NAME}$")
     function: str = Field(pattern=TARGET_PATTERN)  # f, f:version or f:alias
     # Validated by eventhub.filters in parse_resource, which names the exact path.
     filter: list[Any] = Field(default_factory=list)

@@ -13,7 +13,7 @@ next attempt would come later than ``maxEventAge`` after it was enqueued is dead
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from eventhub.resources import RetrySpec
@@ -32,6 +32,9 @@ class Outcome:
     retry_after: float | None = None
     latency: float = 0.0
     response_excerpt: str = ""
+    # The whole response, kept only when the function has an onSuccess destination.
+    body: bytes | None = None
+    headers: Mapping[str, str] | None = None  # Content-Type and ce-* headers, with body
 
     @property
     def succeeded(self) -> bool:

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
 
     # Dispatcher.
     state_ttl: Duration = 86400.0
+    # A chain of results (onSuccess/onFailure) longer than this stops in a dead letter.
+    max_hops: int = Field(default=16, ge=1, le=1000)
     # Dead letters older than this are deleted (0: kept); beyond the newest N too (0: no limit).
     dlq_retention: Duration = 30 * 86400.0
     dlq_max_count: int = Field(default=0, ge=0)

@@ -389,11 +389,20 @@ async def _check_references(conn: Any, resources: Sequence[Resource]) -> None:
         if resource.kind is Kind.BINDING:
             function = Target.parse(resource.model.function).function
             refs.append(("spec.function", Kind.FUNCTION, function))
-            if resource.model.source != API_SOURCE:
-                refs.append(("spec.source", Kind.SOURCE, resource.model.source))
-        elif resource.kind is Kind.FUNCTION and resource.model.dead_letter is not None:
-            function = Target.parse(resource.model.dead_letter.function).function
-            refs.append(("spec.deadLetter.function", Kind.FUNCTION, function))
+            source = resource.model.source
+            if source.startswith("function:"):
+                refs.append(("spec.source", Kind.FUNCTION, source.removeprefix("function:")))
+            elif source != API_SOURCE:
+                refs.append(("spec.source", Kind.SOURCE, source))
+        elif resource.kind is Kind.FUNCTION:
+            model = resource.model
+            for path, target in (
+                ("spec.deadLetter.function", model.dead_letter and model.dead_letter.function),
+                ("spec.onSuccess.function", model.on_success and model.on_success.function),
+                ("spec.onFailure.function", model.on_failure and model.on_failure.function),
+            ):
+                if target:
+                    refs.append((path, Kind.FUNCTION, Target.parse(target).function))
         for path, kind, name in refs:
             if not await exists(kind, name):
                 raise ResourceInvalid(
@@ -412,8 +421,11 @@ async def _check_not_referenced(
     rows = await conn.fetch(
         "select kind, name from resources where"
         " (kind = 'Binding' and split_part(spec->>($1::text), ':', 1) = $2)"
-        " or (kind = 'Function' and $1 = 'function'"
-        "     and split_part(spec->'deadLetter'->>'function', ':', 1) = $2 and name <> $2)",
+        " or (kind = 'Binding' and $1 = 'function' and spec->>'source' = 'function:' || $2)"
+        " or (kind = 'Function' and $1 = 'function' and name <> $2 and $2 in ("
+        "     split_part(spec->'deadLetter'->>'function', ':', 1),"
+        "     split_part(spec->'onSuccess'->>'function', ':', 1),"
+        "     split_part(spec->'onFailure'->>'function', ':', 1)))",
         "function" if kind is Kind.FUNCTION else "source",
         name,
     )
@@ -454,6 +466,10 @@ async def _check_selectors(conn: Any) -> None:
         " from resources where kind = 'Binding' and spec->>'function' like '%:%'"
         " union all select kind, name, spec->'deadLetter'->>'function', 'spec.deadLetter.function'"
         " from resources where kind = 'Function' and spec->'deadLetter'->>'function' like '%:%'"
+        " union all select kind, name, spec->'onSuccess'->>'function', 'spec.onSuccess.function'"
+        " from resources where kind = 'Function' and spec->'onSuccess'->>'function' like '%:%'"
+        " union all select kind, name, spec->'onFailure'->>'function', 'spec.onFailure.function'"
+        " from resources where kind = 'Function' and spec->'onFailure'->>'function' like '%:%'"
     )
     specs: dict[str, FunctionSpec | None] = {}
     for row in rows:
