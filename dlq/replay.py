@@ -11,7 +11,9 @@ Each replayed event keeps its CloudEvent id, source and data and gains the exten
 ``eventhubreplay`` (the job id) and ``eventhubreplaycount`` (how many times this dead letter was
 replayed). It is a new invocation with a fresh retry budget, linked to its dead letter: success
 marks the dead letter ``resolved``; failure appends the new attempts to the same dead letter. A
-dead letter being replayed cannot be replayed again until that replay is over.
+dead letter being replayed cannot be replayed again until that replay is over. A flow step's
+dead letter keeps its run's context, and so does its replay: once it succeeds, the run goes on
+from that step.
 """
 
 from __future__ import annotations
@@ -26,9 +28,16 @@ from typing import Any, Protocol
 import asyncpg
 import structlog
 
-from dlq.store import DeadLetterFilter, DeadLetterQuery, DeadLetterStore, event_of, to_document
-from eventhub.errors import Conflict, InvalidInput, NotFound
-from eventhub.invocations import Invocation
+from dlq.store import (
+    DeadLetterFilter,
+    DeadLetterQuery,
+    DeadLetterStore,
+    event_of,
+    flow_context_of,
+    to_document,
+)
+from eventhub.errors import Conflict, FieldProblem, InvalidInput, NotFound
+from eventhub.invocations import FlowContext, Invocation
 from eventhub.resources import FunctionSpec
 from eventhub.routing import Routes
 from eventhub.versions import Target, names
@@ -59,6 +68,19 @@ def replay_invocation_id(dl_id: str, job_id: str) -> str:
     return str(uuid.uuid5(_IDS, f"{dl_id}:{job_id}"))
 
 
+def check_target(to: str, functions: Mapping[str, FunctionSpec]) -> None:
+    """A replay's ``to`` must name a function, and a version or alias it has."""
+    target = Target.parse(to)
+    spec = functions.get(target.function)
+    if spec is None:
+        problem = f"Function '{target.function}' does not exist"
+    elif target.selector is not None and target.selector not in names(spec):
+        problem = f"Function '{target.function}' has no version or alias '{target.selector}'"
+    else:
+        return
+    raise InvalidInput(f"to: {problem}", problems=(FieldProblem("to", problem),))
+
+
 class ReplayJobs:
     def __init__(self, pool: Any, store: DeadLetterStore) -> None:
         self._pool = pool
@@ -76,14 +98,7 @@ class ReplayJobs:
         ``replaying`` and no other replay can take them. ``plan.to`` may name a function, a
         version or an alias (``f``, ``f:v3``, ``f:prod``)."""
         if plan.to is not None:
-            target = Target.parse(plan.to)
-            spec = functions.get(target.function)
-            if spec is None:
-                raise InvalidInput(f"to: Function '{target.function}' does not exist")
-            if target.selector is not None and target.selector not in names(spec):
-                raise InvalidInput(
-                    f"to: Function '{target.function}' has no version or alias '{target.selector}'"
-                )
+            check_target(plan.to, functions)
         job_id = str(uuid.uuid4())
         args: list[object] = []
         where = plan.which.where(args)
@@ -239,6 +254,7 @@ class ReplayRunner:
             await self._mark(job_id, seq, "skipped")
             return
         extensions = {"eventhubreplay": job_id, "eventhubreplaycount": str(row["replay_count"])}
+        flow = flow_context_of(row)  # a flow step: on success its run goes on from there
         invocation = Invocation(
             id=replay_invocation_id(dl_id, job_id),
             function=target,
@@ -246,6 +262,7 @@ class ReplayRunner:
             binding=row["binding"],
             replay_of=dl_id,
             version=row["version"],  # the version that failed, unless ``to`` says otherwise
+            flow=FlowContext.from_json(flow) if flow is not None else None,
         )
         if to is not None:
             invocation = routes.aim(invocation)

@@ -35,7 +35,7 @@ _COLUMNS = (
     "id, invocation_id, function, binding, event_source, event_id, event_type, attributes, data,"
     " reason, error_code, error_message, attempts, enqueued_at, failed_at, created_at,"
     " updated_at, status, replay_count, dead_letter_function, dlf_status, dlf_error, source_name,"
-    " replay_job, version"
+    " replay_job, version, flow_context"
 )
 
 
@@ -100,9 +100,9 @@ class DeadLetterStore:
             "insert into dead_letters (id, invocation_id, function, binding, event_source,"
             " event_id, event_type, attributes, data, reason, error_code, error_message,"
             " attempts, enqueued_at, failed_at, dead_letter_function, dlf_status, source_name,"
-            " version)"
+            " version, flow_context)"
             " values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13::jsonb,"
-            " $14, $15, $16, $17, $18, $19)"
+            " $14, $15, $16, $17, $18, $19, $20::jsonb)"
             " on conflict (id) do nothing",
             record.id,
             _text(record.invocation_id),
@@ -123,6 +123,7 @@ class DeadLetterStore:
             status,
             _text(record.source_name),
             _text(record.version),
+            _json(record.flow) if record.flow is not None else None,
         )
 
     async def dead_letter_function_done(self, dl_id: str, ok: bool, error: str | None) -> None:
@@ -409,7 +410,13 @@ def record_of(row: Any) -> DeadLetterRecord:
         dead_letter_function=row["dead_letter_function"],
         source_name=row["source_name"],
         version=row["version"],
+        flow=flow_context_of(row),
     )
+
+
+def flow_context_of(row: Any) -> dict[str, Any] | None:
+    raw = row["flow_context"]
+    return None if raw is None else dict(orjson.loads(raw))
 
 
 def to_document(row: Any) -> dict[str, Any]:
@@ -438,6 +445,8 @@ def to_document(row: Any) -> dict[str, Any]:
             "error": row["dlf_error"],
         },
         "event": _event_json(event),
+        # A step of a flow run: {flow, run, step, seq, branch}; a replay goes on with the run.
+        "flow": flow_context_of(row),
     }
     return doc
 

@@ -37,6 +37,8 @@ from eventhub.api.context import ApiContext
 from eventhub.callbacks import Callbacks
 from eventhub.dispatcher import Dispatcher
 from eventhub.errors import DependencyDown
+from eventhub.flows.engine import FlowEngine
+from eventhub.flows.runs import FlowRuns
 from eventhub.ingress import Ingress
 from eventhub.invoker import Invoker
 from eventhub.metrics import Metrics
@@ -146,7 +148,9 @@ class Hub:
         self.state = InvocationState(services.redis, settings.namespace, settings.state_ttl)
         self.dead_letters = DeadLetterStore(services.pool)
         self.replays = ReplayJobs(services.pool, self.dead_letters)
-        self.ingress = Ingress(self.router, self.queue, self.state, self.metrics)
+        # Flow runs: started by ingress, advanced by the dispatcher as their steps settle.
+        self.flows = FlowEngine(services.pool, self.router, self.queue, self.metrics)
+        self.ingress = Ingress(self.router, self.queue, self.state, self.metrics, self.flows)
         self.callbacks = Callbacks(settings.callback_allow)
         self.dispatcher = Dispatcher(
             router=self.router,
@@ -159,6 +163,7 @@ class Hub:
             settings=settings,
             metrics=self.metrics,
             stats=self.stats,
+            flows=self.flows,
         )
         self.supervisor = SourceSupervisor(
             router=self.router,
@@ -242,7 +247,12 @@ class Hub:
             },
         )
         runner = web.AppRunner(
-            build_api(ctx, v1=Role.API in self.roles, rollout_store=self.rollouts),
+            build_api(
+                ctx,
+                v1=Role.API in self.roles,
+                rollout_store=self.rollouts,
+                flow_runs=FlowRuns(self.services.pool),
+            ),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=min(self.settings.shutdown_timeout, 10.0),

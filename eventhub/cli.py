@@ -18,8 +18,9 @@ import orjson
 import yaml
 
 from eventhub import db
-from eventhub.cli_common import T, fail, handled, load_settings
+from eventhub.cli_common import T, connect_nats, fail, handled, load_settings
 from eventhub.cli_dlq import dlq
+from eventhub.cli_flow import flow
 from eventhub.cli_rollout import rollout
 from eventhub.cli_stats import stats
 from eventhub.logs import configure as configure_logs
@@ -36,6 +37,7 @@ def main() -> None:
 main.add_command(dlq)
 main.add_command(stats)
 main.add_command(rollout)
+main.add_command(flow)
 
 
 @main.command()
@@ -125,7 +127,7 @@ def apply(path: Path, dry_run: bool, prune: bool, apply_set: str) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["functions", "sources", "bindings"]))
+@click.argument("kind", type=click.Choice(["functions", "sources", "bindings", "flows"]))
 @click.argument("name", required=False)
 @click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table")
 @handled
@@ -196,20 +198,13 @@ def status(words: tuple[str, ...]) -> None:
 
 
 def _function_status(name: str) -> None:
-    import nats
-    import nats.errors
-
-    from eventhub.errors import DependencyDown
     from eventhub.queue import InvocationQueue
 
     settings = load_settings()
 
     async def go() -> tuple[Any, dict[str, int]]:
         resource = await _with_store(settings, lambda store: store.get(Kind.FUNCTION, name))
-        try:
-            nc = await nats.connect(settings.nats_url.get_secret_value(), max_reconnect_attempts=0)
-        except (nats.errors.Error, OSError) as exc:
-            raise DependencyDown(f"NATS is unreachable: {type(exc).__name__}") from exc
+        nc = await connect_nats(settings)
         try:
             return resource, await InvocationQueue(nc, settings).function_status(name)
         finally:
@@ -284,8 +279,17 @@ def _valid_table(kind: Kind, docs: list[dict[str, Any]]) -> None:
             (
                 d["metadata"]["name"],
                 d["spec"]["source"],
-                d["spec"]["function"],
+                d["spec"].get("function") or f"flow:{d['spec'].get('flow')}",
                 str(len(d["spec"].get("filter") or [])),
+            )
+            for d in docs
+        ]
+    elif kind is Kind.FLOW:
+        rows = [("NAME", "STEPS", "FIRST")] + [
+            (
+                d["metadata"]["name"],
+                str(len(d["spec"]["steps"])),
+                d["spec"]["steps"][0]["name"],
             )
             for d in docs
         ]

@@ -6,14 +6,14 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 import click
 import yaml
 from pydantic import ValidationError
 
-from eventhub.errors import EventhubError
+from eventhub.errors import DependencyDown, EventhubError
 from eventhub.logs import configure as configure_logs
 from eventhub.settings import Settings
 
@@ -38,6 +38,27 @@ def load_settings() -> Settings:
     except (OSError, ValueError, yaml.YAMLError) as exc:
         fail(f"settings file: {exc}")
     raise AssertionError("unreachable")
+
+
+async def connect_nats(settings: Settings) -> Any:
+    """A NATS connection for one command: one try, a few seconds, no reconnection (nats-py's
+    ``max_reconnect_attempts=0`` means "forever"), no error logged: DependencyDown instead."""
+    import nats
+    import nats.errors
+
+    async def quiet(_: Exception) -> None:
+        return None
+
+    try:
+        return await nats.connect(
+            settings.nats_url.get_secret_value(),
+            connect_timeout=5,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            error_cb=quiet,
+        )
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise DependencyDown(f"NATS is unreachable: {type(exc).__name__}") from exc
 
 
 def handled(func: Callable[P, T]) -> Callable[P, T]:

@@ -14,13 +14,12 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
-import nats
 import orjson
 
-from dlq.replay import ReplayJobs, ReplayPlan
+from dlq.replay import ReplayJobs, ReplayPlan, check_target
 from dlq.store import DeadLetterFilter, DeadLetterQuery, DeadLetterStore, record_of
 from eventhub import db
-from eventhub.cli_common import handled, load_settings
+from eventhub.cli_common import connect_nats, handled, load_settings
 from eventhub.errors import Conflict, InvalidInput
 from eventhub.invocations import to_dead_letter_function
 from eventhub.queue import InvocationQueue
@@ -229,7 +228,14 @@ def replay(
         raise InvalidInput(f"--rate: {exc}") from None
     settings = load_settings()
     if dry_run:
-        preview = _run(settings, lambda t: t.jobs.preview(which))
+
+        async def preview_of(t: _Tools) -> dict[str, Any]:
+            if to is not None:
+                functions = {r.name: r.model for r in await t.resources.of_kind(Kind.FUNCTION)}
+                check_target(to, functions)
+            return await t.jobs.preview(which)
+
+        preview = _run(settings, preview_of)
         click.echo(f"{preview['count']} dead letters would be replayed (dry run); a sample:")
         for d in preview["sample"]:
             click.echo(f"  {d['id']}  {d['function']}  {d['errorCode']}  {d['event']['id']}")
@@ -343,7 +349,7 @@ def resend(dead_letter_id: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _queue(settings: Settings) -> AsyncIterator[InvocationQueue]:
-    nc = await nats.connect(settings.nats_url.get_secret_value(), connect_timeout=5)
+    nc = await connect_nats(settings)
     try:
         yield InvocationQueue(nc, settings)
     finally:

@@ -13,8 +13,7 @@ import click
 import orjson
 
 from eventhub import db
-from eventhub.cli_common import handled, load_settings
-from eventhub.errors import DependencyDown
+from eventhub.cli_common import connect_nats, handled, load_settings
 from eventhub.resources import Kind
 from eventhub.settings import Settings
 
@@ -38,8 +37,6 @@ def stats(function: str, as_json: bool) -> None:
 
 
 async def _report(settings: Settings, function: str) -> dict[str, Any]:
-    import nats
-    import nats.errors
     import redis.asyncio as aioredis
 
     from eventhub.queue import InvocationQueue
@@ -48,10 +45,7 @@ async def _report(settings: Settings, function: str) -> dict[str, Any]:
 
     async with db.migrated(settings.database_url.get_secret_value(), settings.namespace) as pool:
         await ResourceStore(pool, settings.namespace).lookup(Kind.FUNCTION, function)
-    try:
-        nc = await nats.connect(settings.nats_url.get_secret_value(), max_reconnect_attempts=0)
-    except (nats.errors.Error, OSError) as exc:
-        raise DependencyDown(f"NATS is unreachable: {type(exc).__name__}") from exc
+    nc = await connect_nats(settings)
     client = aioredis.from_url(settings.redis_url.get_secret_value())
     try:
         stats = Stats(client, settings.namespace)

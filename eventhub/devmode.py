@@ -202,5 +202,9 @@ def _banner(settings: Settings, token: str, function_port: int) -> None:
         f"\n  export TOKEN={token}\n"
         f"  curl -i -X POST {api}/v1/functions/hello/invocations"
         f" -H \"Authorization: Bearer $TOKEN\" -d 'hi'\n"
+        f"\n  # for the CLI in another shell (eventhub get, stats, rollout, dlq ...):\n"
+        f"  export EVENTHUB_DATABASE_URL={settings.database_url.get_secret_value()}\n"
+        f"  export EVENTHUB_NATS_URL={settings.nats_url.get_secret_value()}\n"
+        f"  export EVENTHUB_REDIS_URL={settings.redis_url.get_secret_value()}\n"
         f"\nCtrl-C stops.\n"
     )

@@ -26,6 +26,10 @@ cancelled/shutdown  ``nak()`` without delay: handed back for another process now
 dependency down     not called, no attempt spent: see below
 hub killed          nothing: JetStream redelivers after ``ack_wait``
 version removed     dead letter (reason ``version-removed``), then ``ack``
+flow step           as above; on success the run is advanced and its next step published
+                    (see :mod:`eventhub.flows.engine`), on a final failure the run fails,
+                    both before the ``ack``. A branch past its timeout is not called: dead
+                    letter (``branch-timeout``)
 canary rolled back  called on the stable version, or a dead letter (``rolled-back``), as the
                     rollout says
 at-most-once        ``ack`` (confirmed) before the call; a failed call is a dead letter
@@ -58,6 +62,7 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import nats.errors
 import nats.js.errors
@@ -92,6 +97,9 @@ from eventhub.state import AttemptRecord, InvocationState
 from eventhub.stats import Stats
 from eventhub.versions import version_spec
 
+if TYPE_CHECKING:
+    from eventhub.flows.engine import FlowEngine
+
 log = structlog.get_logger(__name__)
 # An idle pull request costs a heartbeat message every _PULL_HEARTBEAT s and a new request
 # every _PULL_EXPIRES s, per consumer: long ones keep a hub of 1,000 functions idle. A request
@@ -103,6 +111,7 @@ _CONSUMER_SETUPS = 32
 VERSION_GONE = "version-removed"  # the version it was enqueued for is no longer declared
 ROLLED_BACK = "rolled-back"  # its canary was rolled back, and the rollout keeps these aside
 AT_MOST_ONCE = "at-most-once"  # the one call failed; at-most-once delivery allows no other
+BRANCH_TIMEOUT = "branch-timeout"  # a flow's parallel branch, past its step's timeout
 
 
 class Dispatcher:
@@ -121,9 +130,10 @@ class Dispatcher:
         settings: Settings,
         metrics: Metrics,
         stats: Stats,
+        flows: FlowEngine | None = None,
     ) -> None:
         self._router = router
-        ingress = Ingress(router, queue, state, metrics)
+        ingress = Ingress(router, queue, state, metrics, flows)
         self._deps = Deps(
             router,
             queue,
@@ -136,6 +146,7 @@ class Dispatcher:
             metrics,
             stats,
             ingress,
+            flows,
         )
         # (function, None) pulls the function's consumer; (function, lane) an ordered lane.
         self._workers: dict[tuple[str, int | None], FunctionWorker] = {}
@@ -268,6 +279,7 @@ class Deps:
     metrics: Metrics
     stats: Stats
     ingress: Ingress  # where results published to destinations go in
+    flows: FlowEngine | None = None  # advances flow runs as their steps settle
 
     def choose_version(self, invocation: Invocation) -> Invocation:
         """See :meth:`Routes.aim`."""
@@ -492,6 +504,10 @@ class FunctionWorker:
             await settle.give_up(d, reason, None, attempt - 1)
             return
         call = d.call
+        deadline = d.invocation.flow.deadline_ms if d.invocation.flow is not None else None
+        if deadline is not None and time.time() * 1000 > deadline:
+            await settle.give_up(d, BRANCH_TIMEOUT, None, attempt - 1)
+            return
         if expired(age, call.max_event_age) or attempt > call.retry.max_attempts:
             reason = EXPIRED if expired(age, call.max_event_age) else EXHAUSTED
             await settle.give_up(d, reason, None, attempt - 1)
@@ -533,7 +549,7 @@ class FunctionWorker:
                 started + _RUNNING_AFTER, self._mark_running
             )
         try:
-            keep = self.spec.on_success is not None
+            keep = self.spec.on_success is not None or invocation.flow is not None
             return await self._deps.invoker.invoke(invocation, call, attempt, keep)
         finally:
             del self._calls[id(msg)]

@@ -18,8 +18,13 @@ with exactly one dialect key:
     At least one nested expression matches (an empty list never matches).
 ``not: expr``
     The nested expression does not match.
-
-CESQL is not supported.
+``cel: "expression"``
+    The CEL expression is true for the event; it reads the context attributes by name and the
+    payload as ``data`` (see :mod:`eventhub.expressions`, which also says why CEL and not
+    CESQL). A runtime error (a missing field, a payload that is not JSON, a type mismatch) is
+    "no match" (so ``not: {cel: ...}`` matches it: negate inside the expression instead).
+    Compiled when the filter is; a filter with one is evaluated against a
+    :class:`~eventhub.expressions.Scope`, which parses the payload once per event, on first use.
 
 Attribute names are CloudEvents context attributes (``id``, ``source``,
 ``type``, ``subject``, ``specversion``, ``datacontenttype``, ``dataschema``,
@@ -39,11 +44,13 @@ Example, as written in a binding resource::
       - any:
           - prefix: {subject: "orders/eu/"}
           - not: {suffix: {subject: ".tmp"}}
+      - cel: "data.amount > 100 && data.currency == 'EUR'"
 
 :func:`compile_filters` validates a specification once and returns a plain
 predicate; evaluating it performs no parsing or validation.  Invalid
 specifications raise :class:`FilterError` carrying the path of the first
-problem, e.g. ``filter[0].all[1].exact.type``.
+problem, e.g. ``filter[0].all[1].exact.type``, and for ``cel`` the position in the text:
+``filter[1].cel: syntax error at column 14: unexpected '>'``.
 """
 
 from __future__ import annotations
@@ -51,15 +58,20 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias
+
+from eventhub.expressions import ExpressionError, Scope, compile_expression
 
 __all__ = [
     "DIALECTS",
     "Attributes",
+    "CompiledFilter",
     "FilterError",
     "Predicate",
     "canonical_string",
+    "compile_filter",
     "compile_filters",
     "required_value",
 ]
@@ -67,7 +79,7 @@ __all__ = [
 Attributes: TypeAlias = Mapping[str, object]
 Predicate: TypeAlias = Callable[[Attributes], bool]
 
-DIALECTS: tuple[str, ...] = ("all", "any", "exact", "not", "prefix", "suffix")
+DIALECTS: tuple[str, ...] = ("all", "any", "cel", "exact", "not", "prefix", "suffix")
 _DIALECT_LIST = ", ".join(DIALECTS)
 _ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_]+")
@@ -236,6 +248,23 @@ def _make_not(pred: Predicate) -> Predicate:
     return negate
 
 
+def _make_cel(value: object, path: str) -> Predicate:
+    try:
+        expression = compile_expression(value, path)  # type: ignore[arg-type]  # it checks
+    except ExpressionError as exc:
+        raise FilterError(exc.path, exc.message) from None
+    matches = expression.matches
+
+    def cel(attrs: Attributes) -> bool:
+        if type(attrs) is Scope:
+            return matches(attrs)
+        # Not from the router: attributes as given (tests, tools), in their canonical form.
+        strings = {k: text for k, v in attrs.items() if (text := canonical_string(v)) is not None}
+        return matches(Scope(strings))
+
+    return cel
+
+
 _ATTRIBUTE_DIALECTS: dict[str, Callable[[tuple[tuple[str, str], ...]], Predicate]] = {
     "exact": _make_exact,
     "prefix": _make_prefix,
@@ -287,13 +316,22 @@ def _compile_attributes(value: object, path: str) -> tuple[tuple[str, str], ...]
     return tuple(pairs)
 
 
-def _compile_list(value: object, path: str) -> tuple[Predicate, ...]:
+class _Found:
+    """What compiling a filter found out about it besides its predicate."""
+
+    def __init__(self) -> None:
+        self.cel = False
+
+
+def _compile_list(value: object, path: str, found: _Found) -> tuple[Predicate, ...]:
     if not isinstance(value, Sequence) or isinstance(value, _STRINGLIKE):
         raise FilterError(path, f"must be a list of filter expressions, got {_type_name(value)}")
-    return tuple(_compile_expression(item, f"{path}[{index}]") for index, item in enumerate(value))
+    return tuple(
+        _compile_expression(item, f"{path}[{index}]", found) for index, item in enumerate(value)
+    )
 
 
-def _compile_expression(expr: object, path: str) -> Predicate:
+def _compile_expression(expr: object, path: str, found: _Found) -> Predicate:
     if not isinstance(expr, Mapping):
         raise FilterError(
             path,
@@ -314,37 +352,59 @@ def _compile_expression(expr: object, path: str) -> Predicate:
         maker = _ATTRIBUTE_DIALECTS[dialect]
         return maker(_compile_attributes(value, dialect_path))
     if dialect == "all":
-        return _make_and(_compile_list(value, dialect_path))
+        return _make_and(_compile_list(value, dialect_path, found))
     if dialect == "any":
-        return _make_or(_compile_list(value, dialect_path))
+        return _make_or(_compile_list(value, dialect_path, found))
     if dialect == "not":
-        return _make_not(_compile_expression(value, dialect_path))
+        return _make_not(_compile_expression(value, dialect_path, found))
+    if dialect == "cel":
+        found.cel = True
+        return _make_cel(value, dialect_path)
     if dialect == "cesql":
-        raise FilterError(dialect_path, "the CESQL dialect is not supported")
+        raise FilterError(
+            dialect_path, "the CESQL dialect is not supported: write the condition in cel"
+        )
     raise FilterError(
         dialect_path,
         f"unknown filter dialect {dialect!r}; expected one of: {_DIALECT_LIST}",
     )
 
 
-def compile_filters(spec: Sequence[Mapping[str, Any]] | None, path: str = "filter") -> Predicate:
-    """Validate and compile a binding filter into a predicate over attributes.
+@dataclass(frozen=True, slots=True)
+class CompiledFilter:
+    matches: Predicate
+    # The filter has a ``cel`` expression: give ``matches`` a Scope (the payload parsed on
+    # first use), not the bare attributes, in which ``data`` is null.
+    scoped: bool = False
+
+
+def compile_filter(
+    spec: Sequence[Mapping[str, Any]] | None, path: str = "filter"
+) -> CompiledFilter:
+    """Validate and compile a binding filter into a predicate over attributes (or a Scope).
 
     ``spec`` is a list of filter expressions combined with AND; ``None`` or an
     empty list yields a predicate matching every event.  Raises
     :class:`FilterError` naming the path of the first problem (unknown
     dialect, several dialect keys, wrong value type, empty attribute map,
-    invalid attribute name, ...).
+    invalid attribute name, a CEL expression that does not compile, ...).
     """
     if spec is None:
-        return _match_all
-    return _make_and(_compile_list(spec, path))
+        return CompiledFilter(_match_all)
+    found = _Found()
+    return CompiledFilter(_make_and(_compile_list(spec, path, found)), found.cel)
+
+
+def compile_filters(spec: Sequence[Mapping[str, Any]] | None, path: str = "filter") -> Predicate:
+    """:func:`compile_filter`'s predicate alone."""
+    return compile_filter(spec, path).matches
 
 
 def required_value(spec: Sequence[Mapping[str, Any]] | None, attribute: str) -> str | None:
     """The value ``attribute`` must have for the filter to match, when an ``exact`` expression
-    at the filter's top level (or inside a top-level ``all``) names it; ``None`` when events
-    with other values of it may match. ``spec`` must be valid: compile it first.
+    at the filter's top level (or inside a top-level ``all``) names it, or a top-level ``cel``
+    expression requires it (``type == 'x' && ...``); ``None`` when events with other values of
+    it may match. ``spec`` must be valid: compile it first.
 
     A router can then look a binding up by, say, the event's type, and try only the bindings
     that can match instead of every binding's predicate."""
@@ -354,6 +414,10 @@ def required_value(spec: Sequence[Mapping[str, Any]] | None, attribute: str) -> 
             return str.__str__(value[attribute])
         if dialect == "all":
             found = required_value(value, attribute)
+            if found is not None:
+                return found
+        if dialect == "cel":
+            found = compile_expression(value).required(attribute)  # cached: not compiled again
             if found is not None:
                 return found
     return None

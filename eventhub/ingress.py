@@ -16,8 +16,9 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from eventhub.errors import NotFound
+from eventhub.errors import MessageTooLarge, NotFound
 from eventhub.events import Event, now_rfc3339
 from eventhub.invocations import (
     Invocation,
@@ -32,6 +33,10 @@ from eventhub.sizes import INGRESS_RESERVE
 from eventhub.state import InvocationState
 from eventhub.versions import Target, names
 
+if TYPE_CHECKING:
+    from eventhub.flows.engine import FlowEngine
+    from eventhub.routing import Route
+
 INVOKE_SOURCE = "/eventhub/invocations"
 _DEPTH_TTL = 1.0
 INVOKE_TYPE = "eventhub.invocation"
@@ -45,9 +50,15 @@ class Trace:
 
 class Ingress:
     def __init__(
-        self, router: Router, queue: InvocationQueue, state: InvocationState, metrics: Metrics
+        self,
+        router: Router,
+        queue: InvocationQueue,
+        state: InvocationState,
+        metrics: Metrics,
+        flows: FlowEngine | None = None,
     ) -> None:
         self._router = router
+        self._flows = flows  # starts the runs of flow bindings
         self._queue = queue
         self._state = state
         self._metrics = metrics
@@ -73,12 +84,16 @@ class Ingress:
         routes = self._router.routes
         traceparent, tracestate = trace.traceparent, trace.tracestate
         invocations: list[Invocation] = []
+        starts: list[tuple[Event, Route]] = []  # (event, flow binding): runs to start
         unrouted = 0
         for event in events:
             matched = routes.match(source, event)
             if not matched:
                 unrouted += 1
             for route in matched:
+                if route.flow is not None:
+                    starts.append((event, route))
+                    continue
                 inv_id = event_invocation_id(event, route.binding)
                 key = event.attributes.get("partitionkey", "") if route.ordered else None
                 # One key's events stay on one version (keys hashed per function).
@@ -104,8 +119,18 @@ class Ingress:
         self._events_in(source).inc(len(events))
         if unrouted:
             self._metrics.events_unrouted.labels(source).inc(unrouted)
+        first_steps: list[Invocation] = []
+        if starts and self._flows is not None:
+            # The runs are made (PostgreSQL) before their first steps are published.
+            first_steps = await self._flows.start(starts, traceparent, tracestate)
+            invocations.extend(first_steps)
         if invocations:
-            await self._queue.publish_all(invocations, reserve=INGRESS_RESERVE)
+            try:
+                await self._queue.publish_all(invocations, reserve=INGRESS_RESERVE)
+            except MessageTooLarge as exc:
+                if first_steps and self._flows is not None:  # none published: runs fail
+                    await self._flows.abandon(first_steps, f"refused: {exc.detail}")
+                raise
             if record_queued:
                 await self._state.queued(
                     [(i.id, i.function, i.version) for i in invocations], owner=caller

@@ -18,6 +18,12 @@ for byte. eventhub's own headers ride beside them:
 ``Eh-Attempts``        on a retry: the attempts made before this message (absent: none)
 ``Eh-Enqueued``        on a retry: when the invocation was first enqueued (Unix ms)
 ``Eh-Due``             on a message waiting in the retry schedule: when it is due (Unix ms)
+``Eh-Flow``            a step of a flow run (see :mod:`eventhub.flows`): the flow's name
+``Eh-Run``             the run's id
+``Eh-Step``            the step's name
+``Eh-Seq``             the step's place in the run (0 for the first step entered)
+``Eh-Branch``          a parallel step's branch (0, 1 ...); absent for other steps
+``Eh-Deadline``        a branch's timeout: no attempt starts after this (Unix ms)
 =====================  ==========================================================================
 
 Invocation ids are deterministic: the same event (source + id) matched by the same binding always
@@ -55,6 +61,12 @@ H_TRACESTATE = "tracestate"
 H_ATTEMPTS = "Eh-Attempts"
 H_ENQUEUED = "Eh-Enqueued"
 H_DUE = "Eh-Due"
+H_FLOW = "Eh-Flow"
+H_RUN = "Eh-Run"
+H_STEP = "Eh-Step"
+H_SEQ = "Eh-Seq"
+H_BRANCH = "Eh-Branch"
+H_DEADLINE = "Eh-Deadline"
 
 
 def event_invocation_id(event: Event, binding: str) -> str:
@@ -82,6 +94,64 @@ def new_traceparent() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class FlowContext:
+    """Where an invocation stands in a flow run: the flow, the run, the step (its name and
+    place in the run) and, for a parallel step, the branch. It rides with the invocation
+    through retries, redeliveries, dead letters and replays."""
+
+    flow: str
+    run: str
+    step: str
+    seq: int
+    branch: int | None = None
+    deadline_ms: int | None = None  # a branch's timeout, as a time (Unix ms)
+
+    def headers(self) -> dict[str, str]:
+        headers = {H_FLOW: self.flow, H_RUN: self.run, H_STEP: self.step, H_SEQ: str(self.seq)}
+        if self.branch is not None:
+            headers[H_BRANCH] = str(self.branch)
+        if self.deadline_ms is not None:
+            headers[H_DEADLINE] = str(self.deadline_ms)
+        return headers
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> FlowContext | None:
+        run = headers.get(H_RUN)
+        if not run:
+            return None
+        branch, deadline = headers.get(H_BRANCH), headers.get(H_DEADLINE)
+        return cls(
+            flow=headers.get(H_FLOW, ""),
+            run=run,
+            step=headers.get(H_STEP, ""),
+            seq=int(headers.get(H_SEQ) or 0),
+            branch=int(branch) if branch else None,
+            deadline_ms=int(deadline) if deadline else None,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """As a dead letter keeps it (the deadline is not kept: a replay has no timeout)."""
+        return {
+            "flow": self.flow,
+            "run": self.run,
+            "step": self.step,
+            "seq": self.seq,
+            "branch": self.branch,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, object]) -> FlowContext:
+        branch = doc.get("branch")
+        return cls(
+            flow=str(doc["flow"]),
+            run=str(doc["run"]),
+            step=str(doc["step"]),
+            seq=int(str(doc.get("seq") or 0)),
+            branch=int(str(branch)) if branch is not None else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Invocation:
     id: str
     function: str
@@ -96,6 +166,7 @@ class Invocation:
     replay_of: str | None = None  # the dead letter this invocation replays
     version: str = LATEST  # the version to call (no header: latest)
     alias: str | None = None  # the alias the version was chosen through
+    flow: FlowContext | None = None  # set on a step of a flow run
 
     def headers(self) -> dict[str, str]:
         headers = self.event.binary_headers()
@@ -115,6 +186,8 @@ class Invocation:
         ):
             if value:
                 headers[name] = value
+        if self.flow is not None:
+            headers.update(self.flow.headers())
         return headers
 
     @classmethod
@@ -132,6 +205,7 @@ class Invocation:
             replay_of=headers.get(H_REPLAY_OF),
             version=headers.get(H_VERSION) or LATEST,
             alias=headers.get(H_ALIAS),
+            flow=FlowContext.from_headers(headers) if H_RUN in headers else None,
         )
 
 

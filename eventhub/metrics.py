@@ -106,6 +106,18 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.flow_runs = Counter(
+            "eventhub_flow_runs",
+            "Flow runs by status reached (started, succeeded, failed)",
+            ["flow", "status"],
+            registry=r,
+        )
+        self.flow_steps = Counter(
+            "eventhub_flow_steps",
+            "Flow steps ended, by step and status (succeeded, failed); branches count apart",
+            ["flow", "step", "status"],
+            registry=r,
+        )
         self.rollout_weight = Gauge(
             "eventhub_rollout_weight",
             "Each version's weight in an alias under its latest rollout (0-100)",

@@ -4,7 +4,9 @@ The dispatcher (:mod:`eventhub.dispatcher`) takes a message, decides whether to 
 :class:`Settler` then does what the outcome asks, always in the same order: what must be durable
 (the retry's next message, the dead letter, a replay's result) is written first, the JetStream
 message is acknowledged after, and the invocation state, metrics, statistics and callback
-follow. The table of outcomes is in the dispatcher's docstring.
+follow. The table of outcomes is in the dispatcher's docstring. A step of a flow run goes to
+:mod:`eventhub.flows.engine` before the ack: its success advances the run (the next step is
+published), its dead letter fails the run.
 
 When PostgreSQL cannot store what a delivery decided, :meth:`Settler.durable` hands the message
 back through the retry schedule with ``Eh-Settled`` naming the outcome, and raises
@@ -114,6 +116,25 @@ class Settler:
             if not await self._send(d, destination, event, "on-success"):
                 await self.give_up(d, RESULT_TOO_LARGE, record, attempts)
                 return
+        if invocation.flow is not None and deps.flows is not None:
+            if outcome.body is None and outcome.headers is not None:
+                await self.give_up(d, RESULT_TOO_LARGE, record, attempts)
+                return
+            flows = deps.flows
+            # Should PostgreSQL or JetStream be away, the result is not kept: the message is
+            # handed back, and the step called again (this call not counted as an attempt).
+            await self.durable(
+                d,
+                lambda: flows.succeeded(
+                    invocation,
+                    outcome,
+                    attempts=attempts,
+                    version=d.version,
+                    started_at=record.started_at if record is not None else None,
+                ),
+                "flow",
+                attempts=attempts - 1,
+            )
         if invocation.dead_letter_id or invocation.replay_of:
             if record is not None and not recorded:  # kept, should PostgreSQL be away
                 await deps.state.attempted(invocation.id, self.name, record)
@@ -208,6 +229,20 @@ class Settler:
         if found is None:
             return False
         record, dlf_status = found
+        if invocation.flow is not None:  # the run may not have heard of it before the crash
+            await self._flow_failed(
+                d,
+                record.reason,
+                record.error_message,
+                record.id,
+                len(record.attempts),
+                functools.partial(
+                    self.durable,
+                    d,
+                    attempts=attempt - 1,
+                    settled=(msg.headers or {}).get(H_SETTLED),
+                ),
+            )
         if dlf_status == "pending" and record.dead_letter_function:
             await self._to_dead_letter_function(d, record)
         if self.function is not None and self.function.on_failure is not None:
@@ -259,6 +294,7 @@ class Settler:
             await durably(
                 lambda: deps.sink.replay_finished(replayed, False, history, failure), "replay"
             )
+            await self._flow_failed(d, reason, failure[1], replayed, attempts, durably)
             await self._ack(d)
             deps.metrics.replays.labels("failed").inc()
             await deps.state.settled(invocation.id, self.name, "dead-lettered")
@@ -281,8 +317,10 @@ class Settler:
                 function.dead_letter.function if function and function.dead_letter else None
             ),
             version=d.version,
+            flow=invocation.flow.to_json() if invocation.flow is not None else None,
         )
         await durably(lambda: deps.sink.store(record), "dead letter")
+        await self._flow_failed(d, reason, failure[1], dl_id, attempts, durably)
         if record.dead_letter_function:
             await self._to_dead_letter_function(d, record)
         if function is not None and function.on_failure is not None:
@@ -307,6 +345,31 @@ class Settler:
             Outcome(status=last.status, error=last.error) if last else Outcome(error=reason)
         )
         deps.callbacks.send(invocation, "dead-lettered", last_outcome)
+
+    async def _flow_failed(
+        self,
+        d: Delivery,
+        reason: str,
+        error: str,
+        dead_letter_id: str,
+        attempts: int,
+        durably: Callable[[Callable[[], Awaitable[None]], str], Awaitable[None]],
+    ) -> None:
+        """A flow step's dead letter is stored: the run hears of it, before the ack."""
+        flows, invocation = self._deps.flows, d.invocation
+        if invocation.flow is None or flows is None:
+            return
+        await durably(
+            lambda: flows.failed(
+                invocation,
+                reason=reason,
+                error=error,
+                dead_letter_id=dead_letter_id,
+                attempts=attempts,
+                version=d.version,
+            ),
+            "flow",
+        )
 
     async def _send(
         self, d: Delivery, destination: DestinationSpec, event: Event, kind: str

@@ -38,6 +38,8 @@ class DeadLetterRecord:
     dead_letter_function: str | None
     source_name: str | None = None
     version: str = "latest"  # the version of the function that was called
+    # A step of a flow run: flow, run, step, seq, branch (a replay carries it on).
+    flow: dict[str, Any] | None = None
 
 
 class DeadLetterSink(Protocol):

@@ -1,9 +1,9 @@
-"""The declarative resources: Function, Source and Binding.
+"""The declarative resources: Function, Source, Binding and Flow.
 
 Each is a YAML document::
 
     apiVersion: eventhub/v1
-    kind: Function            # Function | Source | Binding
+    kind: Function            # Function | Source | Binding | Flow
     metadata: {name: resize-image}
     spec: {...}
 
@@ -38,6 +38,8 @@ from pydantic.alias_generators import to_camel
 from eventhub import versions, yamlload
 from eventhub.errors import FieldProblem, ResourceInvalid
 from eventhub.filters import FilterError, compile_filters
+from eventhub.flows import spec as flows
+from eventhub.flows.spec import FlowSpec
 from eventhub.sourcespecs import SourceTypeSpec
 from eventhub.units import Rate, parse_duration, parse_rate
 
@@ -54,6 +56,7 @@ class Kind(StrEnum):
     FUNCTION = "Function"
     SOURCE = "Source"
     BINDING = "Binding"
+    FLOW = "Flow"
 
     @property
     def plural(self) -> str:
@@ -172,6 +175,29 @@ class FunctionSpec(_CallSpec):
     def _check_url(cls, value: str | None) -> str | None:
         return None if value is None else _check_url(value)
 
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _check_aliases(cls, value: object) -> object:
+        """Plain messages for the usual mistakes (a weight of ``true`` or ``"40"`` is refused,
+        not converted), naming the alias."""
+        if not isinstance(value, Mapping):
+            return value
+        for alias, target in value.items():
+            if isinstance(target, str):
+                continue
+            if not isinstance(target, Mapping):
+                raise ValueError(
+                    f"{alias}: must be a version's name, or versions with weights"
+                    " ({v1: 90, v2: 10})"
+                )
+            for version, weight in target.items():
+                if type(weight) is not int or not 0 <= weight <= 100:
+                    raise ValueError(
+                        f"{alias}.{version}: a weight is a whole number from 0 to 100"
+                        f" (got {weight!r})"
+                    )
+        return value
+
     @field_validator("rate_limit", mode="before")
     @classmethod
     def _parse_rate(cls, value: object) -> object:
@@ -195,17 +221,27 @@ class FunctionSpec(_CallSpec):
 class BindingSpec(_Spec):
     # A Source's name, "api", or "function:<name>" for that function's result events.
     source: str = Field(pattern=rf"^(function:)?{_NAME}$")
-    function: str = Field(pattern=TARGET_PATTERN)  # f, f:version or f:alias
+    function: str | None = Field(default=None, pattern=TARGET_PATTERN)  # f, f:version, f:alias
+    flow: str | None = Field(default=None, pattern=NAME_PATTERN)  # or a Flow: each event a run
     # Validated by eventhub.filters in parse_resource, which names the exact path.
     filter: list[Any] = Field(default_factory=list)
     # ordered: events with the same ``partitionkey`` are invoked one after another.
     ordering: Literal["unordered", "ordered"] = "unordered"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> BindingSpec:
+        if (self.function is None) == (self.flow is None):
+            raise ValueError("give either function or flow")
+        if self.flow is not None and self.ordering == "ordered":
+            raise ValueError("ordering: ordered applies to a function, not a flow")
+        return self
 
 
 SPEC_ADAPTERS: dict[Kind, TypeAdapter[Any]] = {
     Kind.FUNCTION: TypeAdapter(FunctionSpec),
     Kind.SOURCE: TypeAdapter(SourceTypeSpec),
     Kind.BINDING: TypeAdapter(BindingSpec),
+    Kind.FLOW: TypeAdapter(FlowSpec),
 }
 _SOURCE_TYPES = ("kafka", "rabbitmq", "mqtt", "minio", "cron")
 
@@ -252,7 +288,7 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
         parsed_kind = Kind(str(raw_kind))
     except ValueError:
         raise _invalid(
-            origin, label, shown, "kind", "must be one of Function, Source, Binding"
+            origin, label, shown, "kind", "must be one of Function, Source, Binding, Flow"
         ) from None
     if kind is not None and parsed_kind is not kind:
         raise _invalid(origin, label, shown, "kind", f"must be {kind.value} here")
@@ -283,8 +319,15 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
             FieldProblem(_field_path(_without_tag(parsed_kind, err)), _message(err))
             for err in exc.errors()
         )
+        if parsed_kind is Kind.BINDING and "function" not in spec and "flow" not in spec:
+            problems = (
+                *(p for p in problems if p.field != "spec"),
+                FieldProblem("spec.function", "Field required (or give flow)"),
+            )
         raise ResourceInvalid(origin=origin, kind=label, name=name, problems=problems) from None
     if isinstance(model, FunctionSpec) and (found := versions.problems(model)):
+        raise ResourceInvalid(origin=origin, kind=label, name=name, problems=tuple(found))
+    if isinstance(model, FlowSpec) and (found := flows.problems(model)):
         raise ResourceInvalid(origin=origin, kind=label, name=name, problems=tuple(found))
     if isinstance(model, BindingSpec):
         try:

@@ -38,8 +38,8 @@ class Target:
 
     @classmethod
     def parse(cls, text: str) -> Target:
-        function, _, selector = text.partition(":")
-        return cls(function, selector or None)
+        function, colon, selector = text.partition(":")
+        return cls(function, selector if colon else None)  # "f:" names nothing: refused
 
     def __str__(self) -> str:
         return self.function if self.selector is None else f"{self.function}:{self.selector}"
@@ -163,7 +163,15 @@ def problems(spec: FunctionSpec) -> list[FieldProblem]:
                 found.append(FieldProblem(f"{path}.{version}", "is not a version of this function"))
         if not isinstance(value, str) and sum(value.values()) != 100:
             found.append(FieldProblem(path, "the weights must add up to 100"))
-    if spec.default not in versions and spec.default not in spec.aliases:
+    if spec.default == LATEST and spec.url is None:
+        found.append(
+            FieldProblem(
+                "spec.default",
+                "is required without a top-level url: name the version or alias that a plain"
+                " function name calls",
+            )
+        )
+    elif spec.default not in versions and spec.default not in spec.aliases:
         found.append(
             FieldProblem("spec.default", f"'{spec.default}' is not a version or alias of it")
         )

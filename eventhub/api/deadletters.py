@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from dlq.replay import ReplayPlan
+from dlq.replay import ReplayPlan, check_target
 from dlq.store import STATUSES, DeadLetterFilter, DeadLetterQuery, DeadLetterStore, record_of
 from eventhub.api.context import CONTEXT, requires
 from eventhub.errors import Conflict, FieldProblem, InvalidInput, NotFound
@@ -216,6 +216,8 @@ async def replay(request: web.Request) -> web.Response:
         rate = parse_rate(str(body.get("rate", DEFAULT_REPLAY_RATE)))
     except ValueError as exc:
         raise _bad("rate", str(exc)) from None
+    if to is not None:
+        check_target(to, ctx.router.routes.functions)
     if _dry_run(body):
         return _json(await ctx.replays.preview(which))
     plan = ReplayPlan(which=which, to=to, rate=rate.per_second)

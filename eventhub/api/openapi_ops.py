@@ -13,7 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from eventhub.api import deadletters, health, ingress, resources, rollouts, stats, ui, webhooks
+from eventhub.api import (
+    deadletters,
+    flows,
+    health,
+    ingress,
+    resources,
+    rollouts,
+    stats,
+    ui,
+    webhooks,
+)
 from eventhub.resources import NAME_PATTERN
 
 Schema = dict[str, Any]
@@ -307,6 +317,24 @@ OPERATIONS: dict[Callable[..., Any], Op] = {
         (400, 404, 409, 413, 503),
         body={_JSON: "RolloutAbort"},
         body_required=False,
+    ),
+    flows.list_runs: Op(
+        "A flow's runs, newest first",
+        "flows",
+        {200: {_JSON: "FlowRunList"}},
+        (400, 404, 503),
+        params=(
+            Param("status", "query", {"enum": ["running", "succeeded", "failed"]}),
+            Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500}),
+        ),
+        description="404 when the flow is not declared and has no runs.",
+    ),
+    flows.get_run: Op(
+        "One run of a flow, with every step it entered",
+        "flows",
+        {200: {_JSON: "FlowRunDetail"}},
+        (400, 404, 503),
+        description="The id, or its start when no other run's id starts the same way.",
     ),
     ui.page: Op("The dead-letter web page", "ui", {200: {"text/html": {"type": "string"}}}),
     ui.asset: Op(

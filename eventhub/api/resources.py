@@ -1,6 +1,7 @@
-"""``/v1/functions``, ``/v1/sources``, ``/v1/bindings``: list, get, PUT (create or replace),
-DELETE. A PUT body is the resource document (JSON or YAML); ``metadata.name`` may be left out
-and must otherwise equal the name in the path. A YAML body that sets a key twice is refused.
+"""``/v1/functions``, ``/v1/sources``, ``/v1/bindings``, ``/v1/flows``: list, get, PUT (create
+or replace), DELETE. A PUT body is the resource document (JSON or YAML); ``metadata.name`` may
+be left out and must otherwise equal the name in the path. A YAML body that sets a key twice
+is refused.
 
 A stored resource that no longer validates is listed and shown as stored, with
 ``status.invalid: true`` and ``status.error``; a PUT of a valid one replaces it."""
@@ -143,7 +144,7 @@ def _read_document(body: bytes, content_type: str) -> dict[str, Any]:
 
 
 def add_routes(app: web.Application) -> None:
-    kinds = "{kind:functions|sources|bindings}"
+    kinds = "{kind:functions|sources|bindings|flows}"
     app.router.add_get(f"/v1/{kinds}", list_resources)
     app.router.add_get(f"/v1/{kinds}/{{name}}", get_resource)
     app.router.add_put(f"/v1/{kinds}/{{name}}", put_resource)

@@ -117,6 +117,9 @@ def _steps(value: object) -> tuple[int, ...]:
         if weight <= previous:
             raise _bad(f"steps[{i}]", "each step must weigh more than the one before")
         previous = weight
+    if previous != 100:
+        # The last step is the one judged at full weight before the alias moves.
+        raise _bad(f"steps[{len(value) - 1}]", "the last step must be 100")
     return tuple(value)
 
 

@@ -214,7 +214,7 @@ async def _failing_canary_rolled_back(
     await _function(hub, function, rateLimit="10/s", maxConcurrency=2)
     analysis = {"maxErrorRate": 0.2, "maxLatencyRatio": 50, "minCalls": 5}
     started = await _start(
-        hub, steps=[50], interval="10m", analysis=analysis, onRollback=on_rollback
+        hub, steps=[50, 100], interval="10m", analysis=analysis, onRollback=on_rollback
     )
     posted = {f"e{n}" for n in range(60)}
     for_canary: set[str] = set()
@@ -306,7 +306,7 @@ async def test_a_slow_canary_is_rolled_back_on_its_latency(
     await _function(hub, function)
     analysis = {"maxErrorRate": 0.5, "maxLatencyRatio": 2, "minCalls": 5}
     async with posting(lambda: hub):
-        started = await _start(hub, steps=[50], interval="10m", analysis=analysis)
+        started = await _start(hub, steps=[50, 100], interval="10m", analysis=analysis)
         done = await _wait(hub, started["id"], _state("promoted", "rolled-back", "aborted"))
     assert done["state"] == "rolled-back", done
     last = done["history"][-1]

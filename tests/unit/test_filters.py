@@ -399,7 +399,7 @@ def test_spec_mutation_after_compile_has_no_effect() -> None:
 
 
 def test_dialects_constant() -> None:
-    assert DIALECTS == ("all", "any", "exact", "not", "prefix", "suffix")
+    assert DIALECTS == ("all", "any", "cel", "exact", "not", "prefix", "suffix")
 
 
 # ---------------------------------------------------------------- validation
@@ -433,7 +433,7 @@ def error_of(spec: Any, path: str = "filter") -> FilterError:
         ([None], "filter[0]", "got null"),
         (["exact"], "filter[0]", "must be a filter expression mapping"),
         ([[{"exact": {"type": "a"}}]], "filter[0]", "got list"),
-        ([{}], "filter[0]", "empty filter expression; expected one of: all, any, exact, not"),
+        ([{}], "filter[0]", "empty filter expression; expected one of: all, any, cel, exact, not"),
         (
             [{"exact": {"type": "a"}, "prefix": {"type": "b"}}],
             "filter[0]",

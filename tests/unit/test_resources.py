@@ -198,7 +198,7 @@ def test_valid_names(name: str) -> None:
 
 
 def test_kind_plural() -> None:
-    assert [k.plural for k in Kind] == ["functions", "sources", "bindings"]
+    assert [k.plural for k in Kind] == ["functions", "sources", "bindings", "flows"]
 
 
 def test_expected_kind_accepted() -> None:

@@ -170,6 +170,7 @@ def test_a_full_request() -> None:
         ({"alias": "prod", "to": "v2", "steps": [50, 20]}, "steps[1]"),
         ({"alias": "prod", "to": "v2", "steps": [0, 20]}, "steps[0]"),
         ({"alias": "prod", "to": "v2", "steps": [10, 101]}, "steps[1]"),
+        ({"alias": "prod", "to": "v2", "steps": [10, 50]}, "steps[1]"),
         ({"alias": "prod", "to": "v2", "steps": [True]}, "steps[0]"),
         ({"alias": "prod", "to": "v2", "steps": [10.5]}, "steps[0]"),
         ({"alias": "prod", "to": "v2", "steps": list(range(1, 30))}, "steps"),
