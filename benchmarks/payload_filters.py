@@ -58,7 +58,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import aiohttp  # noqa: E402
 import nats  # noqa: E402
 import orjson  # noqa: E402
 import pipeline  # noqa: E402
@@ -193,32 +192,13 @@ class Figures:
     refused: int = 0
 
 
+def batch_of_orders(shape: scale.Shape, ids: range, prefix: str) -> str:
+    return json.dumps([event_doc(shape, k, prefix) for k in ids])
+
+
 async def ingest(hub: scale.Hub, n: int, prefix: str) -> tuple[float, int, int]:
-    """POST n events; returns (events/s, invocations made, events refused)."""
-    args = hub.run.args
-    bodies = [
-        json.dumps([event_doc(hub.shape, k, prefix) for k in range(i, min(i + args.batch, n))])
-        for i in range(0, n, args.batch)
-    ]
-    headers = {"Authorization": f"Bearer {hub.run.token}", "Content-Type": BATCH}
-    todo = iter(bodies)
-    invocations = refused = 0
-
-    async def worker(http: aiohttp.ClientSession) -> None:
-        nonlocal invocations, refused
-        for body in todo:
-            async with http.post(f"{hub.base}/v1/events", data=body, headers=headers) as response:
-                answer = await response.read()
-            if response.status == 202:
-                invocations += answer.count(b'"binding"')
-            else:
-                refused += args.batch
-
-    async with pipeline.session(args.concurrency) as http:
-        started = time.monotonic()
-        await asyncio.gather(*(worker(http) for _ in range(args.concurrency)))
-        elapsed = time.monotonic() - started
-    return (n - refused) / elapsed, invocations, refused
+    """POST n order events; returns (events/s, invocations made, events refused)."""
+    return await scale.ingest(hub, n, prefix, body=batch_of_orders)
 
 
 async def ingest_rounds(hubs: list[scale.Hub], figures: dict[str, Figures]) -> list[float]:

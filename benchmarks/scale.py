@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,12 +344,17 @@ def batch_body(shape: Shape, ids: range, prefix: str) -> bytes:
     ).encode()
 
 
-async def ingest(hub: Hub, n: int, prefix: str) -> tuple[float, int, int]:
-    """POST n events; returns (events/s, invocations made, events refused)."""
+async def ingest(
+    hub: Hub,
+    n: int,
+    prefix: str,
+    body: Callable[[Shape, range, str], bytes | str] = batch_body,
+) -> tuple[float, int, int]:
+    """POST n events, in batches made by ``body``; returns (events/s, invocations made, events
+    refused)."""
     args = hub.run.args
     bodies = [
-        batch_body(hub.shape, range(i, min(i + args.batch, n)), prefix)
-        for i in range(0, n, args.batch)
+        body(hub.shape, range(i, min(i + args.batch, n)), prefix) for i in range(0, n, args.batch)
     ]
     headers = {"Authorization": f"Bearer {hub.run.token}", "Content-Type": BATCH}
     todo = iter(bodies)
