@@ -1,8 +1,9 @@
 // Dead letters for operators: overview, filtered list, detail, replay and purge, replay jobs; the
-// views (dead letters, functions) and sign-in. Every value from the hub is rendered through dom.js
+// views (dead letters, functions, flows) and sign-in. Every value from the hub is rendered through dom.js
 // (text nodes only): event data is user input.
 import { ApiError, call, query, token } from "./api.js";
 import { badge, h, sparkline, table, time } from "./dom.js";
+import { hideFlows, reloadFlows, showFlows } from "./flows.js";
 import { hideFunctions, reloadFunctions, showFunctions } from "./functions.js";
 import { $, button, fail, guard, notify, onSignOut, path, signOut } from "./shell.js";
 
@@ -45,7 +46,7 @@ async function signIn() {
   $("login").hidden = true;
   $("app").hidden = $("signout").hidden = $("views").hidden = false;
   $("to-dead-letters").hidden = !can.dlq;
-  $("to-functions").hidden = !can.admin;
+  $("to-functions").hidden = $("to-flows").hidden = !can.admin;
   await Promise.all([can.dlq ? Promise.all([guard(loadList)(), refresh()]) : null, route()]);
 }
 
@@ -59,22 +60,28 @@ function decoded(text) {
   }
 }
 
-// "#functions" and "#functions/NAME" show the functions; anything else the dead letters (when the
-// token may see both).
+// "#functions" and "#functions/NAME" show the functions, "#flows", "#flows/NAME" and
+// "#flows/NAME/RUN" the flows; anything else the dead letters (when the token may see them).
+const VIEWS = { "dead-letters": "dead letters", functions: "functions", flows: "flows" };
+
 function route() {
   if ($("app").hidden) return null;
-  const [view, ...rest] = location.hash.slice(1).split("/");
-  const functions = can.admin && (view === "functions" || !can.dlq);
-  $("dead-letters-view").hidden = functions;
-  $("functions-view").hidden = !functions;
-  $("view-name").textContent = functions ? "functions" : "dead letters";
-  document.title = `eventhub · ${functions ? "functions" : "dead letters"}`;
-  for (const [id, on] of [["to-dead-letters", !functions], ["to-functions", functions]]) {
-    if (on) $(id).setAttribute("aria-current", "page");
-    else $(id).removeAttribute("aria-current");
+  const [asked, ...rest] = location.hash.slice(1).split("/");
+  let view = can.dlq ? "dead-letters" : "functions";
+  if (can.admin && (asked === "functions" || asked === "flows")) view = asked;
+  for (const name of Object.keys(VIEWS)) {
+    $(`${name}-view`).hidden = name !== view;
+    if (name === view) $(`to-${name}`).setAttribute("aria-current", "page");
+    else $(`to-${name}`).removeAttribute("aria-current");
   }
-  if (!functions) return hideFunctions();
-  return showFunctions(rest[0] ? decoded(rest.join("/")) : null);
+  $("view-name").textContent = VIEWS[view];
+  document.title = `eventhub · ${VIEWS[view]}`;
+  if (view !== "functions") hideFunctions();
+  if (view !== "flows") hideFlows();
+  if (view === "functions") return showFunctions(rest[0] ? decoded(rest.join("/")) : null);
+  const [flow, run] = [rest[0], rest[1]].map((x) => (x ? decoded(x) : null));
+  if (view === "flows") return showFlows(flow, run);
+  return null;
 }
 
 // ---- overview
@@ -212,6 +219,15 @@ function attempts(list) {
   ]), "No attempt was made.");
 }
 
+// A step of a flow run: where it stood, and (with the "admin" scope) a link to the run.
+function flowRun(f) {
+  const branch = f.branch !== null && f.branch !== undefined ? `[${f.branch}]` : "";
+  const where = `${f.flow}, step ${f.step}${branch}`;
+  if (!can.admin) return `${where}, run ${f.run}`;
+  const href = `#flows/${encodeURIComponent(f.flow)}/${encodeURIComponent(f.run)}`;
+  return h("span", {}, `${where}, run `, h("a", { href, onclick: () => $("detail").close() }, f.run));
+}
+
 async function openDetail(id) {
   const d = await call("GET", `/v1/dead-letters/${path(id)}`);
   const facts = [
@@ -219,6 +235,7 @@ async function openDetail(id) {
     ["Reason", d.reason], ["Error", `${d.errorCode}: ${d.errorMessage}`], ["Enqueued", time(d.enqueuedAt)],
     ["Failed", time(d.failedAt)], ["Replays", d.replayCount],
   ];
+  if (d.flow) facts.splice(1, 0, ["Flow run", flowRun(d.flow)]);
   $("detail-body").replaceChildren(
     h("h2", {}, "Dead letter ", badge(d.status)),
     h("p", { className: "mono muted" }, d.id),
@@ -395,6 +412,7 @@ $("purge-filter").addEventListener("click", () => openPurge({}));
 $("detail-close").addEventListener("click", () => $("detail").close());
 $("refresh").addEventListener("click", () => Promise.all([guard(loadList)(), refresh()]));
 $("functions-refresh").addEventListener("click", reloadFunctions);
+$("flows-refresh").addEventListener("click", reloadFlows);
 window.addEventListener("hashchange", route);
 
 if (token.get()) signIn();
