@@ -35,6 +35,7 @@ from eventhub import db
 from eventhub.api.app import build as build_api
 from eventhub.api.context import ApiContext
 from eventhub.callbacks import Callbacks
+from eventhub.combiner import Combiner
 from eventhub.dispatcher import Dispatcher
 from eventhub.errors import DependencyDown
 from eventhub.flows.engine import FlowEngine
@@ -150,7 +151,11 @@ class Hub:
         self.replays = ReplayJobs(services.pool, self.dead_letters)
         # Flow runs: started by ingress, advanced by the dispatcher as their steps settle.
         self.flows = FlowEngine(services.pool, self.router, self.queue, self.metrics)
-        self.ingress = Ingress(self.router, self.queue, self.state, self.metrics, self.flows)
+        # Combination bindings: their events are collected in PostgreSQL until they fire.
+        self.combiner = Combiner(services.pool, self.metrics, settings.duplicate_window)
+        self.ingress = Ingress(
+            self.router, self.queue, self.state, self.metrics, self.flows, self.combiner
+        )
         self.callbacks = Callbacks(settings.callback_allow)
         self.dispatcher = Dispatcher(
             router=self.router,
@@ -195,6 +200,7 @@ class Hub:
         self._own(self.stats.run())
         self._own(self._keep_stream())
         self._own(self.router.run(self.settings.database_url.get_secret_value()))
+        self._own(self.combiner.run(lambda: self.router.routes))
         if Role.DISPATCH in self.roles:
             await self.dispatcher.start()
             self._own(self._watch_depths())

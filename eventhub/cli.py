@@ -278,7 +278,7 @@ def _valid_table(kind: Kind, docs: list[dict[str, Any]]) -> None:
         rows = [("NAME", "SOURCE", "FUNCTION", "FILTERS")] + [
             (
                 d["metadata"]["name"],
-                d["spec"]["source"],
+                d["spec"].get("source") or "(dependencies)",
                 d["spec"].get("function") or f"flow:{d['spec'].get('flow')}",
                 str(len(d["spec"].get("filter") or [])),
             )

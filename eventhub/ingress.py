@@ -34,8 +34,9 @@ from eventhub.state import InvocationState
 from eventhub.versions import Target, names
 
 if TYPE_CHECKING:
+    from eventhub.combiner import Combiner
     from eventhub.flows.engine import FlowEngine
-    from eventhub.routing import Route
+    from eventhub.routing import Route, Routes
 
 INVOKE_SOURCE = "/eventhub/invocations"
 _DEPTH_TTL = 1.0
@@ -56,9 +57,11 @@ class Ingress:
         state: InvocationState,
         metrics: Metrics,
         flows: FlowEngine | None = None,
+        combiner: Combiner | None = None,
     ) -> None:
         self._router = router
         self._flows = flows  # starts the runs of flow bindings
+        self._combiner = combiner  # collects the events of combination bindings
         self._queue = queue
         self._state = state
         self._metrics = metrics
@@ -85,12 +88,16 @@ class Ingress:
         traceparent, tracestate = trace.traceparent, trace.tracestate
         invocations: list[Invocation] = []
         starts: list[tuple[Event, Route]] = []  # (event, flow binding): runs to start
+        collect: list[tuple[Event, Route]] = []  # (event, dependency of a combination)
         unrouted = 0
         for event in events:
             matched = routes.match(source, event)
             if not matched:
                 unrouted += 1
             for route in matched:
+                if route.combo is not None:
+                    collect.append((event, route))
+                    continue
                 if route.flow is not None:
                     starts.append((event, route))
                     continue
@@ -119,6 +126,14 @@ class Ingress:
         self._events_in(source).inc(len(events))
         if unrouted:
             self._metrics.events_unrouted.labels(source).inc(unrouted)
+        if collect and self._combiner is not None:
+            # Stored (PostgreSQL) before anything is published: a combination that fires
+            # is one more (event, binding) pair.
+            for combined, route in await self._combiner.collect(collect, routes):
+                if route.flow is not None:
+                    starts.append((combined, route))
+                else:
+                    invocations.append(_combined_invocation(routes, combined, route, trace))
         first_steps: list[Invocation] = []
         if starts and self._flows is not None:
             # The runs are made (PostgreSQL) before their first steps are published.
@@ -214,3 +229,20 @@ class Ingress:
         await self._state.queued([(inv_id, function, choice.version)], owner=caller)
         self._enqueued(function).inc()
         return invocation
+
+
+def _combined_invocation(routes: Routes, event: Event, route: Route, trace: Trace) -> Invocation:
+    """The invocation of a combination that fired: its id derives from the combination."""
+    inv_id = event_invocation_id(event, route.binding)
+    choice = routes.choose(route.function, route.selector, inv_id)
+    return Invocation(
+        id=inv_id,
+        function=route.function,
+        event=event,
+        binding=route.binding,
+        traceparent=trace.traceparent or new_traceparent(),
+        tracestate=trace.tracestate,
+        held=route.paused,
+        version=choice.version,
+        alias=choice.alias,
+    )

@@ -118,6 +118,13 @@ class Metrics:
             ["flow", "step", "status"],
             registry=r,
         )
+        self.combinations = Counter(
+            "eventhub_combinations",
+            "Combination bindings: fired; timed_out (a key's events outlived the window before"
+            " the condition held); uncorrelated (an event without a correlation key)",
+            ["binding", "outcome"],
+            registry=r,
+        )
         self.rollout_weight = Gauge(
             "eventhub_rollout_weight",
             "Each version's weight in an alias under its latest rollout (0-100)",

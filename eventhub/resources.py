@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from eventhub import versions, yamlload
+from eventhub import combos, versions, yamlload
 from eventhub.errors import FieldProblem, ResourceInvalid
 from eventhub.filters import FilterError, compile_filters
 from eventhub.flows import spec as flows
@@ -218,15 +218,36 @@ class FunctionSpec(_CallSpec):
         )
 
 
+class DependencySpec(_Spec):
+    """One event a combination binding waits for (see :mod:`eventhub.combos`)."""
+
+    name: str = Field(pattern=combos.DEPENDENCY_NAME)
+    source: str = Field(pattern=rf"^(function:)?{_NAME}$")
+    filter: list[Any] = Field(default_factory=list)  # checked in combos.problems
+
+
 class BindingSpec(_Spec):
     # A Source's name, "api", or "function:<name>" for that function's result events.
-    source: str = Field(pattern=rf"^(function:)?{_NAME}$")
+    # Empty only for a combination, whose dependencies name their sources.
+    source: str = Field(default="", pattern=rf"^((function:)?{_NAME})?$")
     function: str | None = Field(default=None, pattern=TARGET_PATTERN)  # f, f:version, f:alias
     flow: str | None = Field(default=None, pattern=NAME_PATTERN)  # or a Flow: each event a run
     # Validated by eventhub.filters in parse_resource, which names the exact path.
     filter: list[Any] = Field(default_factory=list)
     # ordered: events with the same ``partitionkey`` are invoked one after another.
     ordering: Literal["unordered", "ordered"] = "unordered"
+    # A combination (eventhub.combos): fires on a condition over several events.
+    dependencies: list[DependencySpec] | None = Field(default=None, min_length=1, max_length=32)
+    condition: str | None = Field(default=None, min_length=1, max_length=4096)
+    correlate: str | None = Field(default=None, min_length=1, max_length=4096)
+    window: Duration = 600.0
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, value: float) -> float:
+        if not 0 < value <= combos.MAX_WINDOW:
+            raise ValueError("must be positive and at most 24h")
+        return value
 
     @model_validator(mode="after")
     def _one_target(self) -> BindingSpec:
@@ -324,12 +345,19 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
                 *(p for p in problems if p.field != "spec"),
                 FieldProblem("spec.function", "Field required (or give flow)"),
             )
+        if parsed_kind is Kind.BINDING and "source" not in spec and "dependencies" not in spec:
+            problems = (*problems, FieldProblem("spec.source", "Field required"))
         raise ResourceInvalid(origin=origin, kind=label, name=name, problems=problems) from None
     if isinstance(model, FunctionSpec) and (found := versions.problems(model)):
         raise ResourceInvalid(origin=origin, kind=label, name=name, problems=tuple(found))
     if isinstance(model, FlowSpec) and (found := flows.problems(model)):
         raise ResourceInvalid(origin=origin, kind=label, name=name, problems=tuple(found))
-    if isinstance(model, BindingSpec):
+    if isinstance(model, BindingSpec) and (found := _binding_shape(model)):
+        raise ResourceInvalid(origin=origin, kind=label, name=name, problems=tuple(found))
+    if isinstance(model, BindingSpec) and model.dependencies is not None:
+        if found := combos.problems(model):
+            raise ResourceInvalid(origin=origin, kind=label, name=name, problems=tuple(found))
+    elif isinstance(model, BindingSpec):
         try:
             compile_filters(model.filter, path="spec.filter")
         except FilterError as exc:
@@ -344,6 +372,23 @@ def parse_resource(doc: object, origin: str = "", *, kind: Kind | None = None) -
     except TypeError as exc:
         raise _invalid(origin, label, name, "spec", f"cannot be stored as JSON: {exc}") from None
     return Resource(parsed_kind, name, dict(spec), model, dict(labels))
+
+
+def _binding_shape(spec: BindingSpec) -> list[FieldProblem]:
+    """A plain binding has a source; a combination has dependencies, each with its own."""
+    if spec.dependencies is None:
+        if not spec.source:
+            return [FieldProblem("spec.source", "Field required (or give dependencies)")]
+        for field, value in (("condition", spec.condition), ("correlate", spec.correlate)):
+            if value is not None:
+                return [FieldProblem(f"spec.{field}", "applies only with spec.dependencies")]
+        return []
+    for field, given in (("source", bool(spec.source)), ("filter", bool(spec.filter))):
+        if given:
+            return [FieldProblem(f"spec.{field}", "give it in each of spec.dependencies")]
+    if spec.ordering == "ordered":
+        return [FieldProblem("spec.ordering", "ordered does not apply to a combination")]
+    return []
 
 
 def load_path(path: Path) -> list[Resource]:

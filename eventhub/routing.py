@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from eventhub.combos import Combination, compile_combination
 from eventhub.events import Event
 from eventhub.expressions import Scope
 from eventhub.filters import Predicate, canonical_string, compile_filter, required_value
@@ -60,6 +61,7 @@ class Route:
     event_type: str | None = None  # the only event type the filter can match, if it says so
     scoped: bool = False  # the filter has a CEL expression: it is given the event's Scope
     flow: str | None = None  # a binding that starts runs of a Flow (``function`` is then "")
+    combo: str | None = None  # a combination's dependency: its events are collected first
 
 
 _BY_NAME = attrgetter("binding")
@@ -104,6 +106,7 @@ class Routes:
         default_factory=dict, repr=False, compare=False
     )
     flows: dict[str, FlowSpec] = field(default_factory=dict)
+    combos: dict[str, Combination] = field(default_factory=dict)  # by binding
     _index: dict[str, _SourceIndex] = field(init=False, repr=False, compare=False)
     # Sources with a CEL expression among their bindings' filters, apart: see match().
     _scoped: dict[str, _SourceIndex] = field(init=False, repr=False, compare=False)
@@ -143,8 +146,13 @@ class Routes:
                 sources[r.name] = r
             elif r.kind is Kind.FLOW:
                 flows[r.name] = r.model
+        combos: dict[str, Combination] = {}
         for r in sorted(resources, key=lambda r: r.name):
-            if r.kind is Kind.BINDING:
+            if r.kind is Kind.BINDING and r.model.dependencies is not None:
+                combos[r.name] = compile_combination(r.name, r.model)
+                for source, route in _dependency_routes(r):
+                    by_source.setdefault(source, []).append(route)
+            elif r.kind is Kind.BINDING:
                 spec: BindingSpec = r.model
                 old = known.get(r.name)
                 if old is not None and old[1] == r.paused and old[0] == r.spec:
@@ -174,6 +182,7 @@ class Routes:
             overrides,
             built,
             flows=flows,
+            combos=combos,
         )
 
     def aim(self, invocation: Invocation) -> Invocation:
@@ -237,6 +246,28 @@ class Routes:
             if (route.function in functions or route.flow in self.flows)
             and route.matches(scope if route.scoped else attributes)
         ]
+
+
+def _dependency_routes(r: Resource) -> list[tuple[str, Route]]:
+    """A combination binding's routes: one per dependency, under the dependency's source."""
+    spec: BindingSpec = r.model
+    target = Target.parse(spec.function or "")
+    routes: list[tuple[str, Route]] = []
+    for dependency in spec.dependencies or ():
+        compiled = compile_filter(dependency.filter)
+        route = Route(
+            r.name,
+            target.function,
+            compiled.matches,
+            target.selector,
+            r.paused,
+            event_type=required_value(dependency.filter, "type"),
+            scoped=compiled.scoped,
+            flow=spec.flow,
+            combo=dependency.name,
+        )
+        routes.append((dependency.source, route))
+    return routes
 
 
 Listener = Callable[[Routes], Awaitable[None]]

@@ -396,11 +396,17 @@ async def _check_references(conn: Any, resources: Sequence[Resource]) -> None:
             else:
                 function = Target.parse(resource.model.function).function
                 refs.append(("spec.function", Kind.FUNCTION, function))
-            source = resource.model.source
-            if source.startswith("function:"):
-                refs.append(("spec.source", Kind.FUNCTION, source.removeprefix("function:")))
-            elif source != API_SOURCE:
-                refs.append(("spec.source", Kind.SOURCE, source))
+            deps = resource.model.dependencies
+            sources = (
+                [("spec.source", resource.model.source)]
+                if deps is None
+                else [(f"spec.dependencies[{i}].source", d.source) for i, d in enumerate(deps)]
+            )
+            for path, source in sources:
+                if source.startswith("function:"):
+                    refs.append((path, Kind.FUNCTION, source.removeprefix("function:")))
+                elif source != API_SOURCE:
+                    refs.append((path, Kind.SOURCE, source))
         elif resource.kind is Kind.FUNCTION:
             model = resource.model
             for path, target in (
@@ -433,6 +439,10 @@ async def _check_not_referenced(
         "select kind, name from resources where"
         " (kind = 'Binding' and split_part(spec->>($1::text), ':', 1) = $2)"
         " or (kind = 'Binding' and $1 = 'function' and spec->>'source' = 'function:' || $2)"
+        " or (kind = 'Binding' and $1 in ('source', 'function') and exists ("
+        "     select 1 from jsonb_array_elements(case when jsonb_typeof(spec->'dependencies')"
+        "     = 'array' then spec->'dependencies' else '[]'::jsonb end) dep"
+        "     where dep->>'source' = case when $1 = 'source' then $2 else 'function:' || $2 end))"
         " or (kind = 'Function' and $1 = 'function' and name <> $2 and $2 in ("
         "     split_part(spec->'deadLetter'->>'function', ':', 1),"
         "     split_part(spec->'onSuccess'->>'function', ':', 1),"
