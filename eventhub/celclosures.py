@@ -139,44 +139,34 @@ def call_n(function: Callable[..., Value], args: list[Node]) -> Fn:
     return lambda s, b: function(*(f(s, b) for f in fns))
 
 
-def _macro_all(source: Fn, predicate: Fn) -> Fn:
-    def all_(s: Any, b: tuple[Any, ...]) -> Value:
-        error: EvalError | None = None
-        for item in rt.iterate(source(s, b)):
-            try:
-                result = predicate(s, (*b, item))
-            except EvalError as exc:
-                error = error or exc
-                continue
-            if result is False:
-                return False
-            if result is not True:
-                error = error or rt.no_overload("all", result)
-        if error is not None:
-            raise error
-        return True
+def _quantifier(name: str, decisive: bool) -> Callable[[Fn, Fn], Fn]:
+    """``all`` (decided by the first false) and ``exists`` (by the first true): an item that
+    decides wins over errors met before it; otherwise the first error, else ``not decisive``."""
 
-    return all_
+    def build(source: Fn, predicate: Fn) -> Fn:
+        def quantify(s: Any, b: tuple[Any, ...]) -> Value:
+            error: EvalError | None = None
+            for item in rt.iterate(source(s, b)):
+                try:
+                    result = predicate(s, (*b, item))
+                except EvalError as exc:
+                    error = error or exc
+                    continue
+                if result is decisive:
+                    return decisive
+                if result is not (not decisive):
+                    error = error or rt.no_overload(name, result)
+            if error is not None:
+                raise error
+            return not decisive
+
+        return quantify
+
+    return build
 
 
-def _macro_exists(source: Fn, predicate: Fn) -> Fn:
-    def exists(s: Any, b: tuple[Any, ...]) -> Value:
-        error: EvalError | None = None
-        for item in rt.iterate(source(s, b)):
-            try:
-                result = predicate(s, (*b, item))
-            except EvalError as exc:
-                error = error or exc
-                continue
-            if result is True:
-                return True
-            if result is not False:
-                error = error or rt.no_overload("exists", result)
-        if error is not None:
-            raise error
-        return False
-
-    return exists
+_macro_all = _quantifier("all", decisive=False)
+_macro_exists = _quantifier("exists", decisive=True)
 
 
 def _macro_exists_one(source: Fn, predicate: Fn) -> Fn:
